@@ -1,0 +1,1 @@
+"""Built-in sslcli methods, installed as ``sslcli_plugins``."""

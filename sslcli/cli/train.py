@@ -1,0 +1,63 @@
+"""``ssl train``: parse flags into a config layer and call :func:`sslcli.api.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sslcli.cli.console import err, out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+def train(
+    method: str = typer.Argument(None, help="Method name ('ssl methods'); or from --config."),
+    backbone: str = typer.Option(None, "--backbone", "-b", help="Alias or timm model name."),
+    data: str = typer.Option(None, "--data", "-d", help="'digits', DIR or format:DIR."),
+    epochs: int = typer.Option(None, "--epochs", "-e"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    image_size: int = typer.Option(None, "--image-size"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16"),
+    seed: int = typer.Option(None, "--seed"),
+    out_dir: str = typer.Option(None, "--out", "-o", help="Run directory."),
+    config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
+    sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
+    resume: Path = typer.Option(None, "--resume", help="Run directory or checkpoint to resume."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile (CUDA)."),
+    skip_nonfinite: int = typer.Option(None, "--skip-nonfinite", help="Tolerate N NaN steps."),
+) -> None:
+    """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
+    from sslcli import api
+    from sslcli.config import set_dotted
+
+    flags: dict[str, Any] = {}
+    pairs = {
+        "backbone.name": backbone,
+        "data.dataset": data,
+        "data.image_size": image_size,
+        "trainer.epochs": epochs,
+        "trainer.batch_size": batch_size,
+        "trainer.device": device,
+        "trainer.precision": precision,
+        "trainer.seed": seed,
+        "trainer.out": out_dir,
+        "trainer.compile": compile,
+        "trainer.skip_nonfinite": skip_nonfinite,
+    }
+    for key, value in pairs.items():
+        if value is not None:
+            set_dotted(flags, key, value)
+    result = api.train(
+        method, config=config, overrides=flags, sets=sets or [], resume=resume, console=err
+    )
+    out.print(f"run directory: {result.run_dir}")
+    if result.final_loss is not None:
+        out.print(f"final loss: {result.final_loss:.4f}")
+    if result.knn_trained is not None:
+        rnd = f"{100 * result.knn_random:.1f}%" if result.knn_random is not None else "n/a"
+        out.print(f"kNN top-1 (test split): trained {100 * result.knn_trained:.1f}%  random init {rnd}")

@@ -1,0 +1,277 @@
+"""Run settings, validated by pydantic.
+
+Precedence, lowest first: sslcli's defaults < the method's official recipe
+(``Method.recipe``) < a recipe file (``--config``, YAML/TOML/JSON) < command-line flags <
+``--set section.key=value``. The resolved result is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sslcli.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        "digits",
+        description="'digits' (embedded), a directory (format detected) or 'format:DIR'.",
+    )
+    image_size: int = Field(16, ge=8, le=1024, description="Side of the training views.")
+    load_size: int | None = Field(
+        None, ge=8, description="Side images are decoded to before cropping (default: image_size)."
+    )
+    num_workers: int | None = Field(
+        None, ge=0, description="Decoding workers (default: 0 for in-memory data, else #cores)."
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Fail when more than this fraction of files is corrupt."
+    )
+
+
+class BackboneConfig(_Section):
+    name: str = Field("resnet18", description="An alias ('ssl backbones') or any timm model.")
+    small_stem: bool | None = Field(
+        None, description="CIFAR-style stem / small ViT patches; default: image_size <= 64."
+    )
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth (ViTs).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+    )
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.03, gt=0, description="Base learning rate, before batch-size scaling.")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "linear",
+        description="linear: lr*B/256; sqrt: lr*sqrt(B) (SimCLR's small-batch rule); none.",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    exclude_norm_bias: bool = Field(
+        True, description="No weight decay (and no LARS adaptation) for norms and biases."
+    )
+    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+    grad_clip: float | None = Field(None, gt=0, description="Gradient clipping threshold.")
+    grad_clip_mode: Literal["norm", "per_tensor"] = Field(
+        "norm", description="norm: global norm; per_tensor: each tensor's norm (DINO)."
+    )
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float | None = Field(
+        None,
+        ge=0,
+        description="Linear warm-up; default: the method's recipe, capped at 10% of the run.",
+    )
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Cosine ends at lr * this.")
+    milestones: list[int] = Field(default_factory=list, description="Epochs of step decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Step-decay factor.")
+    weight_decay_end: float | None = Field(
+        None, ge=0, description="Cosine weight-decay schedule to this value (DINO)."
+    )
+
+
+class TrainerConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2, description="Images per step (views are extra).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
+    )
+    seed: int = 0
+    out: str | None = Field(None, description="Run directory (default runs/<method>-<time>).")
+    log_every: int = Field(10, ge=1, description="Steps between logged lines (host syncs).")
+    keep_checkpoints: int = Field(2, ge=1, description="Recent epoch checkpoints kept.")
+    compile: bool = Field(False, description="torch.compile the encoder (CUDA).")
+    channels_last: bool | None = Field(None, description="Default: on for convnets on CUDA.")
+    skip_nonfinite: int = Field(0, ge=0, description="Non-finite steps tolerated before stop.")
+    eval_knn: bool = Field(True, description="kNN top-1 vs random init at the end (labels).")
+    knn_k: int = Field(200, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps.")
+
+
+class RunConfig(_Section):
+    method: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    method_options: dict[str, Any] = Field(default_factory=dict, alias="method_config")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        for m in self.schedule.milestones:
+            if m > self.trainer.epochs:
+                raise ValueError(f"milestone {m} is beyond trainer.epochs={self.trainer.epochs}")
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", by_alias=False)
+        opts = d.pop("method_options")
+        return {**d, "method": {"name": self.method, **opts}}
+
+
+SECTIONS = ("data", "backbone", "optim", "schedule", "trainer")
+
+
+# -- loading and merging ---------------------------------------------------------------------
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON recipe as a nested dict; errors are one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p}"])
+    try:
+        text = p.read_text()
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read config file {p}: {e}"]) from e
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError([f"cannot parse config file {p}: {first}"]) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {p} must hold a mapping of sections"])
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "method.temperature=0.2"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "." not in key:
+            raise ConfigError([f"--set {item!r}: expected section.key=value"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(out, key, value)
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for part in parts[:-1]:
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError([f"{key}: {part!r} is a value, not a section"])
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def method_name_of(layer: dict[str, Any]) -> str | None:
+    m = layer.get("method")
+    if isinstance(m, str):
+        return m
+    if isinstance(m, dict) and isinstance(m.get("name"), str):
+        return m["name"]
+    return None
+
+
+def resolve(
+    method_cls: Any,
+    layers: list[dict[str, Any]],
+) -> tuple[RunConfig, Any]:
+    """Merge ``layers`` (lowest precedence first) over the method's recipe and validate.
+
+    Returns the run config and the method's validated ``Config`` instance. All problems are
+    collected into one :class:`ConfigError` with a line per field.
+    """
+    recipe = method_cls.recipe.model_dump()
+    merged: dict[str, Any] = {k: v for k, v in recipe.items() if v}
+    for layer in layers:
+        merged = deep_merge(merged, _normalise_layer(layer))
+    method_opts = merged.pop("method", {}) or {}
+    method_opts.pop("name", None)
+    errors: list[str] = []
+    unknown = [k for k in merged if k not in SECTIONS]
+    for k in unknown:
+        errors.append(f"{k}: unknown section (expected one of {', '.join(SECTIONS)}, method)")
+        merged.pop(k)
+    run: RunConfig | None = None
+    try:
+        run = RunConfig(method=method_cls.name, **merged)
+    except ValidationError as e:
+        errors.extend(format_validation_error(e))
+    mcfg = None
+    try:
+        mcfg = method_cls.Config(**method_opts)
+    except ValidationError as e:
+        errors.extend(format_validation_error(e, prefix="method"))
+    if errors or run is None:
+        raise ConfigError(errors)
+    run.method_options = mcfg.model_dump(mode="json")
+    return run, mcfg
+
+
+def _normalise_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    layer = dict(layer)
+    m = layer.get("method")
+    if isinstance(m, str):
+        layer["method"] = {"name": m}
+    return layer
+
+
+def format_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        path = ".".join(p for p in (prefix, loc) if p)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option"
+        got = err.get("input")
+        shown = (
+            ""
+            if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"{path or '<root>'}: {msg}{shown}")
+    return lines
+
+
+def save_json(config: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """The resolved config of a run directory, as a recipe layer."""
+    return json.loads(path.read_text())

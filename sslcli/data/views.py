@@ -1,0 +1,65 @@
+"""View specifications: what crops a method asks the data pipeline for.
+
+A method's ``views()`` returns a list of :class:`ViewSpec`. They are data, not code: the
+batched augmentation pipeline (:mod:`sslcli.data.augment`) turns a uint8 batch into one
+float tensor per view, drawing independent random parameters for every sample.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ViewSpec(BaseModel):
+    """One kind of augmented view (``count`` crops of it per image)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(1, ge=1, description="How many crops of this kind per image.")
+    size: int = Field(224, ge=1, description="Output side in pixels.")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range, fraction of the image."
+    )
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Crop aspect-ratio range.")
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    flip_p: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
+    jitter_p: float = Field(0.8, ge=0, le=1, description="Colour-jitter probability.")
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    grayscale_first: bool = Field(
+        False, description="Grayscale before colour jitter (InstDisc, MoCo v1 order)."
+    )
+    blur_p: float = Field(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_frac: float = Field(
+        0.1, gt=0, le=1, description="Blur kernel side as a fraction of the view size."
+    )
+    solarize_p: float = Field(0.0, ge=0, le=1)
+    solarize_threshold: float = Field(0.5, ge=0, le=1)
+    normalize: bool = Field(True, description="Subtract mean / divide std after augmenting.")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ViewSpec:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+        return self
+
+
+def expand(specs: list[ViewSpec]) -> list[ViewSpec]:
+    """One entry per produced view (``count`` repeats), in the order methods receive them."""
+    return [s for s in specs for _ in range(s.count)]

@@ -1,0 +1,166 @@
+"""The contract every method plugin implements.
+
+A method is a :class:`torch.nn.Module` subclass of :class:`Method`, registered under the
+entry-point group ``sslcli.methods``. The engine only ever talks to this interface, so a
+third-party package can add a method without touching sslcli.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from sslcli.backbones import Backbone
+from sslcli.data.views import ViewSpec
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's ``Config``: unknown keys are errors, defaults = official recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe(BaseModel):
+    """Run-level defaults a method brings (its official optimiser and schedule).
+
+    They sit between sslcli's generic defaults and the user's recipe file / flags, so
+    ``ssl train byol`` uses LARS with BYOL's learning rate without the user saying so.
+    Values are plain nested dicts over :class:`sslcli.config.RunConfig` sections.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    optim: dict[str, Any] = {}
+    schedule: dict[str, Any] = {}
+    trainer: dict[str, Any] = {}
+    backbone: dict[str, Any] = {}
+
+
+@dataclass
+class Batch:
+    """What a training step receives."""
+
+    views: list[Tensor]
+    """One float tensor [B, 3, h, w] per expanded view, in the order of ``views()``."""
+    index: Tensor
+    """Dataset indices of the samples (memory-bank methods need them), int64 [B]."""
+    labels: Tensor | None = None
+    """Class labels when the data has them (never used by the SSL loss itself)."""
+
+    @property
+    def size(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the run is; schedules are pure functions of these numbers."""
+
+    step: int
+    """Global optimiser step, starting at 0."""
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run done, in [0, 1)."""
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass
+class StepOutput:
+    """A training step's result."""
+
+    loss: Tensor
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
+    """Scalars to log; tensors stay on the device until a log step (no host sync per step)."""
+    embedding: Tensor | None = None
+    """A [B, D] embedding whose per-dimension std is logged to make collapse visible."""
+
+
+class Method(nn.Module, metaclass=ABCMeta):
+    """Base class of every self-supervised method.
+
+    Subclasses set ``name`` (equal to the entry-point name), ``Config`` (a
+    :class:`MethodConfig`), optionally ``recipe`` (official optimiser/schedule defaults),
+    and implement :meth:`views` and :meth:`training_step`. Every piece of state (momentum
+    encoders, queues, memory banks, centres) must be a parameter or a registered buffer so
+    ``state_dict()`` captures it and resume is exact.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    recipe: ClassVar[Recipe] = Recipe()
+    needs_dataset_size: ClassVar[bool] = False
+    """True for methods that keep one row per training image (memory banks)."""
+
+    def __init__(self, config: MethodConfig, backbone: Backbone, dataset_size: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.dataset_size = dataset_size
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return doc[0].strip() if doc else ""
+
+    # -- what the data pipeline must produce ---------------------------------------------
+    @abstractmethod
+    def views(self) -> list[ViewSpec]:
+        """The crops the data pipeline must produce for every image."""
+
+    # -- one optimisation step ------------------------------------------------------------
+    @abstractmethod
+    def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
+        """Compute the loss for one batch (the engine does backward and the update)."""
+
+    def forward(self, batch: Batch, step: StepInfo) -> StepOutput:  # type: ignore[override]
+        """``training_step`` behind ``forward`` so DistributedDataParallel sees the call."""
+        return self.training_step(batch, step)
+
+    # -- optional hooks ---------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Custom optimiser parameter groups, or None for the engine's default grouping.
+
+        A group may carry ``fixed_lr=True`` (learning rate not scheduled, e.g. SimSiam's
+        predictor), ``weight_decay`` and ``lars_exclude``.
+        """
+        return None
+
+    def before_optimizer_step(self, step: StepInfo) -> None:
+        """Called after backward, before the optimiser updates (e.g. freeze a layer's grads)."""
+
+    def after_optimizer_step(self, step: StepInfo) -> None:
+        """Called after the optimiser update (EMA teachers, queue/bank/centre updates)."""
+
+    def encoder(self) -> nn.Module:
+        """The network that is evaluated and exported; the online backbone by default."""
+        return self.backbone
+
+    def export_candidates(self) -> dict[str, nn.Module]:
+        """Encoders that ``ssl export --which`` can choose from; the first is the default."""
+        return {"backbone": self.encoder()}
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Features used for kNN / linear evaluation (the encoder's pooled output)."""
+        return self.encoder()(images)
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")

@@ -1,0 +1,88 @@
+"""Installing the example third-party package makes its method appear and train."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plugin-barlow-twins"
+
+
+def test_installed_example_plugin_is_listed_and_trains(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    ssl = [sys.executable, "-m", "sslcli"]
+    listing = subprocess.run(
+        ssl + ["methods"], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
+    ).stdout
+    assert "barlow-twins" in listing and "sslcli-barlow-twins" in listing
+    run = subprocess.run(
+        ssl
+        + [
+            "train",
+            "barlow-twins",
+            "--backbone",
+            "test_resnet",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "trainer.max_steps=1",
+            "--set",
+            "trainer.eval_knn=false",
+            "--set",
+            "method.proj_dim=32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+    # The plugin's own test suite passes against the installed package.
+    own = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(EXAMPLE / "tests"),
+            "--rootdir",
+            str(EXAMPLE),
+            "-o",
+            "addopts=",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert own.returncode == 0, own.stdout[-2000:] + own.stderr[-2000:]
