@@ -41,6 +41,11 @@ def resolve_config(
         run_json = _run_config_path(Path(resume))
         if run_json is not None:
             layers.append(cfg.load_run_config(run_json))
+        else:
+            # A bare checkpoint file carries its resolved config in its metadata.
+            from sslcli.engine import checkpoint as ckpt
+
+            layers.append(ckpt.read_meta(Path(resume))["config"])
     if config is not None:
         layers.append(cfg.read_recipe(config))
     if overrides:

@@ -89,7 +89,12 @@ class ScheduleConfig(_Section):
 
 class TrainerConfig(_Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=2, description="Images per step (views are extra).")
+    batch_size: int = Field(
+        128,
+        ge=2,
+        description="Global batch: images per step over all processes (split evenly "
+        "across torchrun processes; views are extra).",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
@@ -104,7 +109,27 @@ class TrainerConfig(_Section):
     eval_knn: bool = Field(True, description="kNN top-1 vs random init at the end (labels).")
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many steps; schedules still span trainer.epochs, so "
+        "the run can be resumed with a larger value.",
+    )
+    sync_bn: bool = Field(
+        False,
+        description="Synchronise BatchNorm statistics across processes under torchrun "
+        "(SimCLR's global BN); no effect on one process.",
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the "
+        "tensorboard package).",
+    )
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint every N steps (long epochs: bounds the work a crash loses).",
+    )
 
 
 class RunConfig(_Section):

@@ -8,6 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: tests start subprocesses (torchrun, the CLI) next to the main one,
+# and on a 2-core machine oversubscribed threads make every step many times slower.
+torch.set_num_threads(1)
 
 # Small enough for a 2-core CPU: the contract and CLI tests use these sizes.
 TINY = {

@@ -46,8 +46,13 @@ def test_lars_matches_formula() -> None:
     torch.manual_seed(0)
     w = torch.randn(5, 4, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
-    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.001)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        eta=0.001,
+    )
     w0, b0 = w.detach().clone(), b.detach().clone()
     mw = torch.zeros_like(w0)
     mb = torch.zeros_like(b0)
@@ -77,15 +82,18 @@ def test_param_groups_exclude_norms_and_biases() -> None:
 
 def test_checkpoint_roundtrip_and_pruning(tmp_path: Path) -> None:
     for step in range(4):
-        ckpt.save(tmp_path, step, {"model": {"w": torch.full((2,), float(step))}},
-                  {"step": step}, keep=2)
+        ckpt.save(
+            tmp_path, step, {"model": {"w": torch.full((2,), float(step))}}, {"step": step}, keep=2
+        )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["last.safetensors", "step-00000002.safetensors", "step-00000003.safetensors"]
     groups, meta = ckpt.load(tmp_path)
     assert meta["step"] == 3 and torch.equal(groups["model"]["w"], torch.full((2,), 3.0))
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt.save(tmp_path, 1, {"model": {"w": torch.ones(3)}}, {"step": 1}, keep=3)
     import errno
 
@@ -122,3 +130,169 @@ def test_optimizer_state_roundtrip() -> None:
     opt2.load_state_dict(ckpt.unflatten_optimizer(tensors, meta))
     s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
     assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["step"], s2["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint writes that fail part-way, stale temporary files, metadata without tensors
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_failing_after_half_the_bytes_keeps_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reports a full disk as SafetensorError (not OSError) after writing part
+    of the file; fsync can fail too. Both leave the previous checkpoint as 'last'."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    ckpt.save(tmp_path, 1, {"model": {"w": torch.ones(64)}}, {"step": 1}, keep=3)
+    real = ckpt.save_file
+
+    def half_then_fail(tensors: dict[str, torch.Tensor], filename: str, metadata: object) -> None:
+        real(tensors, filename, metadata)  # type: ignore[arg-type]
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(ckpt, "save_file", half_then_fail)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save(tmp_path, 2, {"model": {"w": torch.zeros(64)}}, {"step": 2}, keep=3)
+    assert "(step 1) is intact" in str(e.value) and "No space left" in str(e.value)
+    monkeypatch.setattr(ckpt, "save_file", real)
+
+    def fsync_fails(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync_fails)
+    with pytest.raises(CheckpointError, match="Input/output error; the previous checkpoint"):
+        ckpt.save(tmp_path, 3, {"model": {"w": torch.zeros(64)}}, {"step": 3}, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.safetensors",
+        "step-00000001.safetensors",
+    ]
+    groups, meta = ckpt.load(tmp_path)
+    assert meta["step"] == 1 and torch.equal(groups["model"]["w"], torch.ones(64))
+
+
+def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
+    """A process killed mid-write leaves its temporary file; the next save removes it."""
+    (tmp_path / ".step-00000007.safetensors.tmp-999999").write_bytes(b"partial")
+    ckpt.save(tmp_path, 8, {"model": {"w": torch.ones(1)}}, {"step": 8}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.safetensors",
+        "step-00000008.safetensors",
+    ]
+
+
+def test_read_meta_and_resolve(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ckpt.save(run / "checkpoints", 5, {"model": {"w": torch.ones(2)}}, {"step": 5}, keep=1)
+    for target in (run, run / "checkpoints", run / "checkpoints" / "step-00000005.safetensors"):
+        assert ckpt.read_meta(target) == {"step": 5}
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not an sslcli checkpoint"):
+        ckpt.read_meta(tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        ckpt.resolve(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces of the trainer: config diffs, gradient clipping, log truncation, the logger
+# --------------------------------------------------------------------------------------------
+
+
+def test_architecture_diff_names_only_architecture_fields() -> None:
+    from sslcli.engine.trainer import architecture_diff
+
+    old = {"backbone": {"name": "resnet18", "kwargs": {}}, "method": {"name": "simclr", "t": 0.1},
+           "data": {"image_size": 32, "dataset": "digits", "num_workers": 0},
+           "optim": {"lr": 0.3}}  # fmt: skip
+    new = {"backbone": {"name": "resnet50", "kwargs": {"a": 1}},
+           "method": {"name": "simclr", "t": 0.1}, "optim": {"lr": 0.6},
+           "data": {"image_size": 32, "dataset": "digits", "num_workers": 4}}  # fmt: skip
+    assert architecture_diff(old, new) == ["backbone.kwargs", "backbone.kwargs.a", "backbone.name"]
+    assert architecture_diff(old, old) == []
+
+
+def test_per_tensor_clipping_follows_dino() -> None:
+    """DINO's clip_gradients: for each tensor, g *= clip / (||g|| + 1e-6) when that is < 1."""
+    from types import SimpleNamespace
+
+    from sslcli.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    grads = [
+        torch.randn_like(p) * s for p, s in zip(model.parameters(), (10, 0.01, 5, 0.1), strict=True)
+    ]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    fake = SimpleNamespace(
+        run=SimpleNamespace(optim=OptimConfig(grad_clip=3.0, grad_clip_mode="per_tensor")),
+        method=model,
+    )
+    norm = Trainer._clip_gradients(fake)  # type: ignore[arg-type]
+    assert norm is not None and bool(torch.isfinite(norm))
+    for p, g in zip(model.parameters(), grads, strict=True):
+        coef = 3.0 / (float(g.norm()) + 1e-6)
+        expected = g * coef if coef < 1 else g
+        torch.testing.assert_close(p.grad, expected)
+    fake.run.optim = OptimConfig(grad_clip=1.0, grad_clip_mode="norm")
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    total = float(torch.cat([g.flatten() for g in grads]).norm())
+    Trainer._clip_gradients(fake)  # type: ignore[arg-type]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g * (1.0 / (total + 1e-6)))
+
+
+def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    from sslcli.engine.trainer import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"event": "start"}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5},
+             {"event": "epoch", "step": 4}, {"step": 6, "loss": 0.2}]  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "lo')
+    _truncate_metrics(path, 4)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:4]
+
+
+def test_logger_jsonl_plain_lines_and_missing_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from sslcli.engine.trainer import Logger
+
+    # tensorboard is optional: its absence is one line, and metrics.jsonl still works
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=200)
+    path = tmp_path / "metrics.jsonl"
+    with Logger(path, console, 10, tensorboard_dir=tmp_path / "tb") as log:
+        log.write({"event": "start", "method": "x"})
+        log.write({"step": 2, "epoch": 0, "lr": 0.1, "loss": 1.25, "images_per_s": 50.0})
+        log.write({"step": 3, "epoch": 0, "lr": 0.1, "loss": float("nan")})
+        log.advance(3)
+    out = buf.getvalue().splitlines()
+    assert out[0].startswith("trainer.tensorboard: the tensorboard package is not installed")
+    assert out[1] == "step 2/10 epoch 0 loss 1.2500 lr 0.1 50 img/s"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert recs[1]["loss"] == 1.25 and recs[2]["loss"] is None  # NaN is written as null
+    assert not (tmp_path / "tb").exists()
+    # on a terminal the same records drive a progress bar instead of lines
+    buf = io.StringIO()
+    tty = Console(file=buf, force_terminal=True, width=120)
+    with Logger(tmp_path / "m2.jsonl", tty, 10) as log:
+        log.write({"step": 2, "epoch": 0, "lr": 0.1, "loss": 1.25})
+        log.advance(2)
+    assert "step 2/10 epoch" not in buf.getvalue() and "2/10" in buf.getvalue()

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt = getattr(e, "format_message", None)
         msg = fmt() if callable(fmt) else str(e)
         if type(e).__name__ == "NoArgsIsHelpError":
-            return 0
+            # Bare `ssl` (or a bare group): show the help, as a user expects.
+            return main([*(argv or sys.argv[1:]), "--help"])
         _err(" ".join(msg.split()))
         return 2
     except ConfigError as e:
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except SSLError as e:
         if show_tb:
             raise
-        _err(str(e))
+        if e.exit_code in (130, 143):
+            # An orderly stop after a checkpoint is not an error; say how to go on.
+            print(f"ssl: {e}", file=sys.stderr)
+        else:
+            _err(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         _err("interrupted")

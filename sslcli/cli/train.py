@@ -27,9 +27,15 @@ def train(
     out_dir: str = typer.Option(None, "--out", "-o", help="Run directory."),
     config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
     sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
-    resume: Path = typer.Option(None, "--resume", help="Run directory or checkpoint to resume."),
+    resume: Path = typer.Option(
+        None,
+        "--resume",
+        help="Run directory or checkpoint file to continue exactly where it stopped.",
+    ),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile (CUDA)."),
-    skip_nonfinite: int = typer.Option(None, "--skip-nonfinite", help="Tolerate N NaN steps."),
+    skip_nonfinite: int = typer.Option(
+        None, "--skip-nonfinite", help="Skip up to N steps whose loss is NaN/inf, then stop."
+    ),
 ) -> None:
     """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
     from sslcli import api
@@ -55,9 +61,13 @@ def train(
     result = api.train(
         method, config=config, overrides=flags, sets=sets or [], resume=resume, console=err
     )
+    if result.rank != 0:
+        return  # under torchrun, rank 0 reports for every process
     out.print(f"run directory: {result.run_dir}")
     if result.final_loss is not None:
         out.print(f"final loss: {result.final_loss:.4f}")
     if result.knn_trained is not None:
         rnd = f"{100 * result.knn_random:.1f}%" if result.knn_random is not None else "n/a"
-        out.print(f"kNN top-1 (test split): trained {100 * result.knn_trained:.1f}%  random init {rnd}")
+        out.print(
+            f"kNN top-1 (test split): trained {100 * result.knn_trained:.1f}%  random init {rnd}"
+        )

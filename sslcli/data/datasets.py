@@ -48,7 +48,7 @@ import operator
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -203,6 +203,34 @@ class ArrayImageDataset(ImageDataset):
         # into shared memory when a worker sends it to the main process.
         x = x.repeat(3, 1, 1) if x.shape[0] == 1 else x.clone()
         return x, int(self.labels[i]), i
+
+    @property
+    def get_batch(self) -> BatchFn:
+        """``get_batch(idx) -> (uint8 [B, 3, S, S], labels [B], idx)`` in one gather.
+
+        Only in-memory datasets have it (the attribute is missing otherwise, so
+        ``getattr(ds, "get_batch", None)`` tells callers whether the fast path exists):
+        training and feature extraction then index the array directly instead of
+        collating items one by one.
+        """
+        if self._images is None:
+            raise AttributeError("get_batch: this dataset is not held in memory")
+        return self._get_batch
+
+    def _get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._images is not None
+        idx = torch.as_tensor(idx, dtype=torch.int64).flatten()
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(f"index out of range for {n} images")
+        idx = torch.where(idx < 0, idx + n, idx)
+        x = self._images[idx]  # advanced indexing copies: never a view of the array
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        return x, self.labels[idx], idx
+
+
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -372,6 +400,20 @@ class LabelledSubset(ImageDataset):
         i = self._index(i)
         x, y, _ = self.base[int(self.rows[i])]
         return x, y, i
+
+    @property
+    def get_batch(self) -> BatchFn:
+        """The base dataset's fast path, re-indexed (missing when the base has none)."""
+        base_get = getattr(self.base, "get_batch", None)
+        if base_get is None:
+            raise AttributeError("get_batch: the base dataset is not held in memory")
+
+        def get(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            idx = torch.as_tensor(idx, dtype=torch.int64).flatten()
+            x, y, _ = base_get(self.rows[idx])
+            return x, y, idx
+
+        return get
 
 
 def _warn_bad(path: str, reason: str) -> None:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from sslcli.errors import CheckpointError
 
 LAST = "last.safetensors"
 _STEP_RE = re.compile(r"^step-(\d+)\.safetensors$")
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -73,12 +75,14 @@ def save(
 
     ``groups`` maps a prefix ("model", "optim", "rng") to its tensors. On failure the
     temporary file is removed and a :class:`CheckpointError` names the checkpoint that is
-    still intact.
+    still intact. safetensors reports I/O failures (a full disk) as ``SafetensorError``,
+    not ``OSError``; both are caught.
     """
     directory.mkdir(parents=True, exist_ok=True)
     flat = {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()}
     final = directory / f"step-{step:08d}.safetensors"
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    link_tmp = directory / f".{LAST}.tmp-{os.getpid()}"
     try:
         save_file(_independent(flat), str(tmp), metadata={"sslcli": json.dumps(meta)})
         with open(tmp, "rb+") as f:
@@ -86,31 +90,39 @@ def save(
         os.replace(tmp, final)
         # "last" is a hard link made under a temporary name and renamed over the old one,
         # so readers always see a complete file.
-        link_tmp = directory / f".{LAST}.tmp-{os.getpid()}"
         if link_tmp.exists():
             link_tmp.unlink()
         try:
             os.link(final, link_tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(final, link_tmp)
         os.replace(link_tmp, directory / LAST)
         _fsync_dir(directory)
-    except OSError as e:
-        for p in (tmp, directory / f".{LAST}.tmp-{os.getpid()}"):
+    except (OSError, SafetensorError) as e:
+        for p in (tmp, link_tmp):
             try:
                 p.unlink()
             except OSError:
                 pass
         prev = directory / LAST
-        kept = f"the previous checkpoint {prev} is intact" if prev.exists() else "no earlier checkpoint exists"
+        kept = (
+            f"the previous checkpoint {prev} (step {_step_of(prev)}) is intact"
+            if prev.is_file()
+            else "no earlier checkpoint exists"
+        )
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise CheckpointError(
-            f"could not write checkpoint at step {step} in {directory}: "
-            f"{e.strerror or e}; {kept}"
+            f"could not write checkpoint at step {step} in {directory}: {reason}; {kept}"
         ) from e
     _prune(directory, keep)
     return final
+
+
+def _step_of(path: Path) -> str:
+    try:
+        return str(read_meta(path).get("step", "?"))
+    except CheckpointError:
+        return "?"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -127,32 +139,53 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _prune(directory: Path, keep: int) -> None:
+    """Keep the ``keep`` most recent step files (``last`` is a separate link) and remove
+    temporary files a killed process left behind."""
     steps = sorted(p for p in directory.iterdir() if _STEP_RE.match(p.name))
-    for old in steps[:-keep]:
+    stale = [p for p in directory.iterdir() if _TMP_RE.match(p.name) and not _ours(p)]
+    for old in steps[:-keep] + stale:
         try:
             old.unlink()
         except OSError:
             pass
 
 
-def load(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save` (never unpickles)."""
+def _ours(path: Path) -> bool:
+    return path.name.endswith(f".tmp-{os.getpid()}")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without reading its tensors."""
     path = resolve(path)
     try:
-        flat = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("sslcli")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     if meta_raw is None:
         raise CheckpointError(f"{path} is not an sslcli checkpoint (no sslcli metadata)")
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has unreadable sslcli metadata: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has unreadable sslcli metadata")
+    return meta
+
+
+def load(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save` (safetensors + JSON: never unpickles)."""
+    path = resolve(path)
+    meta = read_meta(path)
     groups: dict[str, dict[str, Tensor]] = {}
-    for k, v in flat.items():
-        g, _, name = k.partition("/")
-        groups.setdefault(g, {})[name] = v
-    return groups, json.loads(meta_raw)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                g, _, name = k.partition("/")
+                groups.setdefault(g, {})[name] = f.get_tensor(k)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    return groups, meta
 
 
 def resolve(path: Path) -> Path:

@@ -30,8 +30,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        lars_exclude=False)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -66,8 +67,9 @@ class LARS(torch.optim.Optimizer):
                 bs, gs = zip(*existing, strict=True)
                 torch._foreach_mul_(list(bs), mom)
                 torch._foreach_add_(list(bs), list(gs))
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params],
-                                alpha=-group["lr"])
+            torch._foreach_add_(
+                params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"]
+            )
         return loss
 
 
@@ -112,12 +114,20 @@ def build_optimizer(
     if cfg.name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            foreach=True,
+        )
     if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    eta=cfg.lars_eta)
+        return LARS(
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta
+        )
     for g in groups:
         g.pop("lars_exclude", None)
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                             foreach=True)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
+    )
