@@ -35,6 +35,16 @@ class DataConfig(_Section):
     num_workers: int | None = Field(
         None, ge=0, description="Decoding workers (default: 0 for in-memory data, else #cores)."
     )
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="JPEG folders on CUDA: workers read bytes, the GPU decodes batches "
+        "(nvJPEG). 'off' when workers keep up or nvJPEG fails on your files.",
+    )
+    cache: Literal["off", "device"] = Field(
+        "off",
+        description="'device': hold the decoded dataset on the training device as one "
+        "uint8 tensor (data that fits in GPU memory, e.g. CIFAR).",
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="Fail when more than this fraction of files is corrupt."
     )

@@ -43,6 +43,8 @@ from torch.utils.data import DataLoader
 from sslcli.backbones import make_spec
 from sslcli.config import RunConfig, save_json
 from sslcli.data.augment import ViewPipeline
+from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
+from sslcli.data.loader import DevicePrefetcher, maybe_cache
 from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import schedules
@@ -215,6 +217,20 @@ class Trainer:
         self.load_size = d.load_size or d.image_size
         self.dataset: ImageDataset = open_dataset(
             d.dataset, "train", self.load_size, max_bad_fraction=d.max_bad_fraction
+        )
+        if d.cache == "device":
+            self.dataset = maybe_cache(
+                self.dataset, device=self.device, num_workers=self._num_workers()
+            )
+        gpu_ok = use_gpu_decode(self.dataset, self.device)
+        if d.gpu_decode == "on" and not gpu_ok:
+            raise ConfigError(
+                ["data.gpu_decode: 'on' needs a folder of JPEG files and a CUDA device with nvJPEG"]
+            )
+        self.decoder = (
+            JpegDecoder(self.dataset, self.load_size, self.device)  # type: ignore[arg-type]
+            if gpu_ok and d.gpu_decode != "off"
+            else None
         )
         world = dist.world_size()
         if t.batch_size % world:
@@ -552,7 +568,21 @@ class Trainer:
         # An in-memory item is a memory copy: worker processes would only add IPC.
         return 0 if self.dataset.in_memory else min(8, _cpus_per_process())
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def _batches(self, epoch: int, skip: int) -> DevicePrefetcher:
+        """The epoch's batches, already on the device.
+
+        On CUDA the next batch is copied (or JPEG-decoded) on a side stream while the
+        current step computes; on CPU this is a plain pass-through.
+        """
+        return DevicePrefetcher(
+            self._host_batches(epoch, skip),
+            self.device,
+            fn=self.decoder,
+            transfer=self.decoder is None,
+            background=self.decoder is not None,
+        )
+
+    def _host_batches(self, epoch: int, skip: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """This process's batches of ``epoch``, from batch ``skip`` on (exact resume).
 
         Every process computes the same permutation and takes its slice of each global
@@ -572,10 +602,11 @@ class Trainer:
             return
         workers = self._num_workers()
         loader = DataLoader(
-            self.dataset,
+            JpegBytesDataset(self.dataset) if self.decoder else self.dataset,  # type: ignore[arg-type]
             batch_sampler=[i.tolist() for i in index_lists],
             num_workers=workers,
-            pin_memory=self._cuda,
+            collate_fn=collate_jpeg if self.decoder else None,
+            pin_memory=self._cuda and self.decoder is None,
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
             worker_init_fn=_worker_init if workers else None,
