@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader
 from sslcli.backbones import make_spec
 from sslcli.config import RunConfig, save_json
 from sslcli.data.augment import ViewPipeline
+from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
 from sslcli.data.loader import DevicePrefetcher, maybe_cache
-from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import schedules
 from sslcli.engine.optim import build_optimizer, default_param_groups, scaled_lr
