@@ -1,0 +1,149 @@
+"""InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination").
+
+Every image is its own class. The encoder's features go through a linear layer to 128-d
+and onto the unit sphere; a memory bank holds one such vector per training image, and the
+objective is NCE that tells the image's own bank row from K rows drawn at random (or,
+with ``nce_k = 0``, a softmax over the whole bank). Follows the official PyTorch code
+(zhirongw/lemniscate.pytorch) where it and the paper differ in detail:
+
+- the normalising constant Z is estimated on the first batch and then frozen;
+- the bank rows are read for the loss, then the images' rows are updated with the new
+  features (momentum 0.5, re-normalised);
+- SGD with weight decay on every parameter (BN and biases included), no warm-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from sslcli.backbones import Backbone, feature_dim
+from sslcli.data.views import ViewSpec
+from sslcli.errors import ConfigError
+from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
+from sslcli.nn.memory_bank import MemoryBank
+from sslcli.nn.nce import NCELoss, bank_softmax_loss, sample_noise_indices
+
+
+class InstDiscConfig(MethodConfig):
+    temperature: float = Field(
+        0.07, gt=0, description="τ of exp(v·f/τ): 0.07 ImageNet, 0.1 in the CIFAR script."
+    )
+    proj_dim: int = Field(128, ge=1, description="Width of the embedding and of the bank rows.")
+    nce_k: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "Noise samples per image for NCE (4096); 0 = the full softmax over the bank "
+            "(exact but O(N) per image: fine up to CIFAR size)."
+        ),
+    )
+    bank_momentum: float = Field(
+        0.5, ge=0, lt=1, description="m of the bank update v ← n(m·v + (1−m)·f); 0.5 official."
+    )
+    z_momentum: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description=(
+            "None: Z estimated on the first batch and frozen (official). A momentum such as "
+            "0.99 keeps an EMA of the per-batch estimate, which tracks the embedding as it "
+            "sharpens (a known improvement on long runs)."
+        ),
+    )
+    crop_min_scale: float = Field(0.2, gt=0, le=1, description="Smallest crop area fraction.")
+    grayscale_first: bool = Field(
+        True,
+        description=(
+            "Grayscale before colour jitter (ImageNet script); False = jitter first (CIFAR script)."
+        ),
+    )
+    flip_p: float = Field(
+        0.5, ge=0, le=1, description="Horizontal-flip probability (ImageNet 0.5; CIFAR script 0)."
+    )
+
+
+class InstDisc(Method):
+    """InstDisc: memory bank of 128-d unit features, NCE with K uniform noise rows."""
+
+    name = "instdisc"
+    Config = InstDiscConfig
+    needs_dataset_size = True
+    # lemniscate main.py: torch SGD over all parameters, lr 0.03 at batch 256, no warm-up;
+    # the ×0.1 decays at epochs 120 and 160 are in examples/recipes/instdisc-imagenet.toml,
+    # since milestones are absolute epochs and would break any shorter run as defaults.
+    recipe = Recipe(
+        optim={
+            "name": "sgd",
+            "lr": 0.03,
+            "lr_scaling": "linear",
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "exclude_norm_bias": False,
+        },
+        schedule={"kind": "step", "gamma": 0.1, "warmup_epochs": 0},
+    )
+
+    def __init__(self, config: InstDiscConfig, backbone: Backbone, dataset_size: int = 0) -> None:
+        super().__init__(config, backbone, dataset_size)
+        self.config: InstDiscConfig = config
+        if dataset_size < 1:
+            raise ConfigError(["instdisc needs the data set size (one bank row per image)"])
+        # The official ResNet's fc replaced by a 128-d Linear (with bias), then L2 norm.
+        self.head = nn.Linear(feature_dim(backbone), config.proj_dim)
+        self.memory = MemoryBank(dataset_size, config.proj_dim, config.bank_momentum)
+        self.nce = NCELoss(dataset_size, config.temperature, config.z_momentum)
+        # The features of the current step wait here until after the optimiser step: the
+        # softmax variant's backward still needs the bank as it was when it was read. Not
+        # state: it lives from training_step to after_optimizer_step of the same step.
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def views(self) -> list[ViewSpec]:
+        c = self.config
+        return [
+            ViewSpec(
+                count=1,
+                size=self.backbone.sslcli_spec.image_size,
+                scale=(c.crop_min_scale, 1.0),
+                flip_p=c.flip_p,
+                grayscale_p=0.2,
+                grayscale_first=c.grayscale_first,
+                jitter_p=1.0,
+                brightness=0.4,
+                contrast=0.4,
+                saturation=0.4,
+                hue=0.4,
+            )
+        ]
+
+    def features(self, x: Tensor) -> Tensor:
+        """The unit 128-d embedding f = n(W·encoder(x) + b)."""
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+    def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
+        c = self.config
+        (x,) = batch.views
+        f = self.features(x)
+        logs: dict[str, Tensor | float] = {}
+        if c.nce_k > 0:
+            idx = sample_noise_indices(batch.index, c.nce_k, self.dataset_size)
+            loss, probs = self.nce(f, self.memory.rows(idx))
+            logs["pos_prob"] = probs[:, 0].detach().mean()
+            logs["z"] = self.nce.normalizer.z.detach().clone()
+        else:
+            loss, logits = bank_softmax_loss(f, self.memory.bank, batch.index, c.temperature)
+            with torch.no_grad():
+                logs["acc"] = (logits.argmax(dim=1) == batch.index).float().mean()
+        self._pending = (batch.index.detach(), f.detach())
+        return StepOutput(loss=loss, logs=logs, embedding=f.detach())
+
+    def after_optimizer_step(self, step: StepInfo) -> None:
+        # The official update order: rows were read for this step's loss, now they take
+        # the new features ("v_i ← m·v_i + (1 − m)·f_i", then normalised).
+        if self._pending is not None:
+            index, f = self._pending
+            self._pending = None
+            self.memory.update(index, f)

@@ -1,0 +1,334 @@
+"""``ssl export``: an encoder as ``model.safetensors`` + a timm ``config.json``.
+
+The directory loads in plain timm, without sslcli installed::
+
+    model = timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
+
+and gives the same features as the encoder inside sslcli (the weights are copied bit for
+bit, under timm's own parameter names: sslcli builds every encoder with
+``timm.create_model(..., num_classes=0)``, and wrapper prefixes such as DDP's ``module.``
+or torch.compile's ``_orig_mod.`` are stripped). ``config.json`` carries what timm needs to
+rebuild the network (``architecture``, ``model_args`` such as a small ViT's ``img_size``,
+``patch_size``, ``dynamic_img_size``, or ``in_chans``) and how to feed it
+(``pretrained_cfg``: input size, mean/std — zeros and ones for methods trained on
+un-normalised pixels — and interpolation), so ``timm.data.resolve_data_config`` reproduces
+sslcli's evaluation transform.
+
+**Small-image ResNets.** For images up to 64 px sslcli replaces a ResNet's stem with a
+3x3 stride-1 convolution and drops the max-pool (the CIFAR stem of SimCLR, MoCo and
+others). timm's ``ResNet`` constructor has no argument for that (``stem_type`` offers only
+the 7x7/stride-2 stem and the deep 3x3 stems whose first conv has stride 2, always
+followed by a stride-2 pool), and no other timm architecture shares ResNet's parameter
+names with a configurable stem. So those exports keep the true ``architecture`` and
+``model_args`` (``timm.create_model(cfg["architecture"], **cfg["model_args"])`` builds
+everything but the stem), describe the stem under ``config.json["sslcli"]["small_stem"]``,
+and :func:`load_timm` — a self-contained function that needs only timm, torch and
+safetensors (copy it, or read the recipe in the directory's README.md) — applies it
+before loading the weights strictly. ``ssl export`` says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sslcli.load import EXPORT_CONFIG, EXPORT_WEIGHTS, Target, TargetError, strip_prefixes
+
+HEADS_WEIGHTS = "heads.safetensors"
+# timm constructor arguments that only matter while training; an exported encoder is
+# rebuilt for inference or fine-tuning, where the user chooses their own regularisation.
+TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate",
+                      "attn_drop_rate", "pos_drop_rate", "patch_drop_rate")  # fmt: skip
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    which: str
+    architecture: str
+    files: list[Path]
+    small_stem: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "which": self.which,
+            "architecture": self.architecture,
+            "files": [str(p) for p in self.files],
+            "small_stem": self.small_stem,
+            "notes": self.notes,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def encoder_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's state_dict with wrapper prefixes stripped, as independent CPU tensors.
+
+    Tensors keep their dtype and values exactly; ``clone`` gives each its own storage,
+    which safetensors requires.
+    """
+    state = strip_prefixes(module.state_dict())
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def head_state(method: nn.Module) -> dict[str, Tensor]:
+    """Parameters (and normalisation statistics) of every module outside the encoders.
+
+    Encoders are the timm models sslcli built (they carry ``sslcli_spec``); what remains
+    are projection/prediction heads, prototypes and the like. Buffers are kept only where
+    they belong to a layer with parameters or to a normalisation layer, so queues, memory
+    banks and centres (training state, not network) stay out.
+    """
+    from torch.nn.modules.batchnorm import _NormBase
+
+    out: dict[str, Tensor] = {}
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        if hasattr(mod, "sslcli_spec"):
+            return
+        own_params = dict(mod.named_parameters(recurse=False))
+        for n, p in own_params.items():
+            if p is not None:
+                out[prefix + n] = p
+        if own_params or isinstance(mod, _NormBase):
+            for n, b in mod.named_buffers(recurse=False):
+                if b is not None and n not in mod._non_persistent_buffers_set:
+                    out[prefix + n] = b
+        for n, child in mod.named_children():
+            walk(child, f"{prefix}{n}.")
+
+    for n, child in method.named_children():
+        walk(child, f"{n}.")
+    return {k: v.detach().cpu().contiguous().clone() for k, v in strip_prefixes(out).items()}
+
+
+def _in_chans(module: nn.Module) -> int:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return 3
+
+
+def timm_config(encoder: nn.Module, target: Target, which: str) -> dict[str, Any]:
+    """The timm ``config.json`` (plus an ``sslcli`` block timm ignores) for ``encoder``."""
+    spec = getattr(encoder, "sslcli_spec", None)
+    if spec is None:
+        raise TargetError(f"encoder {which!r} was not built by sslcli; cannot describe it")
+    in_chans = _in_chans(encoder)
+    model_args = {k: v for k, v in spec.kwargs.items() if k not in TRAINING_ONLY_ARGS}
+    if in_chans != 3:
+        model_args["in_chans"] = in_chans
+    default_cfg = dict(getattr(encoder, "pretrained_cfg", {}) or {})
+    size = int(spec.image_size)
+    mean = list(target.mean) if target.normalize else [0.0, 0.0, 0.0]
+    std = list(target.std) if target.normalize else [1.0, 1.0, 1.0]
+    if in_chans != 3:
+        # Per-channel statistics of RGB do not apply; keep the first ones (CMC's L channel
+        # gets (x - mean) / std with the inputs the method itself built).
+        mean, std = mean[:in_chans], std[:in_chans]
+    pretrained_cfg: dict[str, Any] = {
+        "input_size": [in_chans, size, size],
+        "interpolation": "bilinear",  # sslcli.eval.features.eval_transform resizes bilinearly
+        "crop_pct": 1.0,  # the evaluation transform resizes the whole (square) image
+        "crop_mode": "center",
+        "mean": mean,
+        "std": std,
+        "num_classes": 0,
+        "fixed_input_size": bool(
+            default_cfg.get("fixed_input_size", False) and not model_args.get("dynamic_img_size")
+        ),
+    }
+    for key in ("first_conv", "classifier"):
+        if default_cfg.get(key):
+            pretrained_cfg[key] = default_cfg[key]
+    extra: dict[str, Any] = {
+        "format": 1,
+        "method": target.method_name,
+        "which": which,
+        "step": target.step,
+        "source": str(target.weights),
+        "dataset": target.dataset,
+        "load_size": target.config.get("data", {}).get("load_size"),
+        "small_stem": _stem_description(encoder) if spec.small_stem else None,
+    }
+    return {
+        "architecture": spec.timm_name,
+        "num_classes": 0,
+        "num_features": int(getattr(encoder, "num_features", 0)),
+        "global_pool": getattr(encoder, "global_pool", None)
+        if isinstance(getattr(encoder, "global_pool", None), str)
+        else None,
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+        "sslcli": extra,
+    }
+
+
+def _stem_description(encoder: nn.Module) -> dict[str, Any]:
+    """Where the small-image stem differs from timm's constructor: the first conv (3x3,
+    stride 1, padding 1, no bias) and the max-pool (removed)."""
+    conv1 = getattr(encoder, "conv1", None)
+    if isinstance(conv1, nn.Sequential):
+        name, conv = "conv1.0", conv1[0]
+    else:
+        name, conv = "conv1", conv1
+    assert isinstance(conv, nn.Conv2d)
+    return {
+        "conv": name,
+        "in_channels": int(conv.in_channels),
+        "out_channels": int(conv.out_channels),
+        "kernel_size": 3,
+        "stride": 1,
+        "padding": 1,
+        "maxpool": "identity",
+    }
+
+
+_README = """# {arch} exported by sslcli ({method}, encoder "{which}")
+
+This ResNet uses a small-image stem: `{conv}` is a 3x3 stride-1 convolution (no bias) and
+the max-pool is removed. timm's ResNet constructor cannot express that stem, so build the
+model, replace the two layers, then load the weights:
+
+```python
+import json, timm, torch.nn as nn
+from safetensors.torch import load_file
+
+cfg = json.load(open("config.json"))
+model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0,
+                          **cfg["model_args"])
+stem = cfg["sslcli"]["small_stem"]
+conv = nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
+if stem["conv"] == "conv1":
+    model.conv1 = conv
+else:  # deep stem: the first conv of the conv1 Sequential
+    model.conv1[0] = conv
+model.maxpool = nn.Identity()
+model.load_state_dict(load_file("model.safetensors"), strict=True)
+```
+
+(`sslcli.export.load_timm(DIR)` does the same.) Inputs: {size}x{size} pixels, scaled to
+[0, 1], minus mean {mean}, divided by std {std}.
+"""
+
+
+def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export(
+    target: str | Path | None,
+    out: str | Path,
+    *,
+    which: str | None = None,
+    with_heads: bool = False,
+) -> ExportResult:
+    """Write ``target``'s encoder (``which``, default: the evaluated one) to ``out``."""
+    from sslcli.load import load_target
+
+    t = load_target(target)
+    if t.kind == "export":
+        raise TargetError(f"{t.path} is already an exported model; export a run or checkpoint")
+    t.check_which(which)
+    which = which or t.default_which
+    encoder = t.candidates[which]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TargetError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg = timm_config(encoder, t, which)
+    files = [out / EXPORT_WEIGHTS, out / EXPORT_CONFIG]
+    _write_safetensors(encoder_state(encoder), files[0], {"format": "pt"})
+    (out / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    notes = []
+    small = cfg["sslcli"]["small_stem"] is not None
+    if small:
+        stem = cfg["sslcli"]["small_stem"]
+        pc = cfg["pretrained_cfg"]
+        readme = out / "README.md"
+        readme.write_text(
+            _README.format(
+                arch=cfg["architecture"],
+                method=t.method_name,
+                which=which,
+                conv=stem["conv"],
+                size=pc["input_size"][-1],
+                mean=pc["mean"],
+                std=pc["std"],
+            )  # fmt: skip
+        )
+        files.append(readme)
+        notes.append(
+            f"small-image stem: plain timm needs model.{stem['conv']} (3x3 stride 1) and "
+            f"model.maxpool (Identity) adjusted before loading; sslcli.export.load_timm(DIR) "
+            f"or the recipe in {readme} does it"
+        )
+    if with_heads:
+        if t.method is None:
+            raise TargetError("--with-heads needs a run or checkpoint (it has the heads)")
+        heads = head_state(t.method)
+        if not heads:
+            notes.append(f"{t.method_name} has no head parameters outside its encoders")
+        else:
+            meta = {"sslcli": json.dumps({"method": t.method_name, "step": t.step})}
+            _write_safetensors(heads, out / HEADS_WEIGHTS, meta)
+            files.append(out / HEADS_WEIGHTS)
+    return ExportResult(out, which, cfg["architecture"], files, small, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading without sslcli
+# ---------------------------------------------------------------------------------------------
+
+
+def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa: UP037
+    """Build the timm model an ``ssl export`` directory describes and load its weights.
+
+    Self-contained on purpose (only json, pathlib, torch, timm and safetensors, imported
+    inside; string annotations): copy it into code that does not install sslcli. For
+    ImageNet-stem encoders it is equivalent to
+    ``timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)``; for small-image
+    ResNets it also replaces the stem as ``config.json["sslcli"]["small_stem"]`` describes.
+    The weights load strictly: a mismatch is an error, never a silent partial load.
+    """
+    import json as _json
+    from pathlib import Path as _Path
+
+    import timm
+    from safetensors.torch import load_file
+    from torch import nn as _nn
+
+    d = _Path(directory)
+    cfg = _json.loads((d / "config.json").read_text())
+    args = dict(cfg.get("model_args") or {})
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **args)
+    stem = (cfg.get("sslcli") or {}).get("small_stem")
+    if stem:
+        conv = _nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
+        if stem["conv"] == "conv1":
+            model.conv1 = conv
+        else:
+            model.conv1[0] = conv
+        model.maxpool = _nn.Identity()
+    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    return model.eval()

@@ -1,0 +1,328 @@
+"""Rebuild a trained encoder from whatever the user points at.
+
+A *target* is one of:
+
+* a run directory (``runs/simclr-20250101-120000``): its ``checkpoints/last.safetensors``;
+* a checkpoint file (``.../checkpoints/step-00000100.safetensors``) or a ``checkpoints/``
+  directory;
+* an exported directory (``ssl export``'s ``model.safetensors`` + timm ``config.json``).
+
+Checkpoints rebuild the whole method (plugin class, resolved config, backbone spec,
+``load_state_dict``), so evaluation uses ``method.embed`` exactly as training's kNN does and
+export can choose among ``method.export_candidates()``. Exported directories rebuild the
+plain timm model from its ``config.json`` (see :func:`sslcli.export.load_timm`).
+
+Nothing here unpickles: checkpoints and exports are safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from sslcli.data.views import IMAGENET_MEAN, IMAGENET_STD
+from sslcli.errors import CheckpointError, SSLError
+
+RUNS_DIR = Path("runs")
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+class TargetError(SSLError):
+    """A run directory, checkpoint or exported directory is missing or unusable."""
+
+
+TargetKind = Literal["run", "checkpoint", "export"]
+
+
+@dataclass
+class Target:
+    """A rebuilt, evaluation-ready encoder and what is known about how it was trained."""
+
+    kind: TargetKind
+    path: Path
+    """What the user named (resolved)."""
+    weights: Path
+    """The file the weights came from (checkpoint or model.safetensors)."""
+    run_dir: Path | None
+    """The run the weights belong to (eval events are appended to its metrics.jsonl)."""
+    method_name: str | None
+    """The method's registry name (None for an export of unknown origin)."""
+    step: int | None
+    image_size: int
+    normalize: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    candidates: dict[str, nn.Module]
+    """Encoders by name (``export_candidates()``; {"model": timm model} for exports)."""
+    method: nn.Module | None = None
+    """The whole rebuilt method (None for exports)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved run config (``config.json`` of the run), {} when unknown."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Checkpoint metadata, or the export's config.json."""
+    _fingerprint: str | None = None
+
+    # -- what gets evaluated ----------------------------------------------------------------
+    @property
+    def default_which(self) -> str:
+        return next(iter(self.candidates))
+
+    def check_which(self, which: str | None) -> None:
+        if which is not None and which not in self.candidates:
+            raise TargetError(
+                f"--which {which!r}: {self.describe()} has the encoders "
+                f"{', '.join(self.candidates)}"
+            )
+
+    def embedder(self, which: str | None = None) -> Callable[[Tensor], Tensor]:
+        """The features kNN / linear use: ``method.embed`` unless an encoder is named."""
+        self.check_which(which)
+        if which is None and self.method is not None:
+            return self.method.embed  # type: ignore[no-any-return]
+        return self.candidates[which or self.default_which]
+
+    def eval_module(self) -> nn.Module:
+        """The module whose train/eval mode and device matter for :meth:`embedder`."""
+        return self.method if self.method is not None else self.candidates[self.default_which]
+
+    def to(self, device: torch.device) -> Target:
+        self.eval_module().to(device)
+        for m in self.candidates.values():
+            m.to(device)
+        return self
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the encoder was trained on (the default ``--data``)."""
+        ds = self.config.get("data", {}).get("dataset")
+        return ds if isinstance(ds, str) else None
+
+    @property
+    def load_size(self) -> int:
+        ls = self.config.get("data", {}).get("load_size")
+        return int(ls) if ls else self.image_size
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights file: the model part of feature-cache keys."""
+        if self._fingerprint is None:
+            self._fingerprint = file_sha256(self.weights)
+        return self._fingerprint
+
+    def describe(self) -> str:
+        what = {"run": "run", "checkpoint": "checkpoint", "export": "exported model"}[self.kind]
+        step = f", step {self.step}" if self.step is not None else ""
+        name = f" ({self.method_name}{step})" if self.method_name else ""
+        return f"{what} {self.path}{name}"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the target
+# ---------------------------------------------------------------------------------------------
+
+
+def latest_run(root: Path = RUNS_DIR) -> Path:
+    """The run under ``root`` with the most recent checkpoint (what a bare command uses)."""
+    if not root.is_dir():
+        raise TargetError(
+            f"no TARGET given and no {root}/ directory here: name a run directory, a "
+            "checkpoint or an exported directory"
+        )
+    best: tuple[float, Path] | None = None
+    for d in root.iterdir():
+        last = d / "checkpoints" / "last.safetensors"
+        if d.is_dir() and last.is_file():
+            t = last.stat().st_mtime
+            if best is None or t > best[0]:
+                best = (t, d)
+    if best is None:
+        raise TargetError(f"no TARGET given and no run under {root}/ has a checkpoint")
+    return best[1]
+
+
+def is_export_dir(path: Path) -> bool:
+    cfg = path / EXPORT_CONFIG
+    if not (path.is_dir() and cfg.is_file() and (path / EXPORT_WEIGHTS).is_file()):
+        return False
+    try:
+        return "architecture" in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file lies in, if it is in one."""
+    for cand in (checkpoint.parent.parent, checkpoint.parent):
+        if (cand / "config.json").is_file() and (cand / "checkpoints").is_dir():
+            return cand
+    return None
+
+
+def load_target(target: str | Path | None, *, device: torch.device | None = None) -> Target:
+    """Rebuild ``target`` (None: the most recent run under ./runs) on ``device`` (CPU)."""
+    path = latest_run() if target is None else Path(target)
+    if not path.exists():
+        raise TargetError(
+            f"target not found: {path} (give a run directory, a checkpoint file or an "
+            "exported directory)"
+        )
+    path = path.resolve()
+    if is_export_dir(path):
+        t = load_export(path)
+    elif path.is_file() and path.name == EXPORT_WEIGHTS and is_export_dir(path.parent):
+        t = load_export(path.parent)
+    else:
+        t = load_checkpoint_target(path)
+    return t.to(device) if device is not None else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and runs
+# ---------------------------------------------------------------------------------------------
+
+
+def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys without wrapper names: a leading ``module.`` (DistributedDataParallel) and any
+    ``_orig_mod`` segment (torch.compile wraps a submodule, e.g. ``backbone._orig_mod.``)."""
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        while k.startswith("module."):
+            k = k[len("module.") :]
+        k = ".".join(p for p in k.split(".") if p != "_orig_mod")
+        out[k] = v
+    return out
+
+
+def load_checkpoint_target(path: Path) -> Target:
+    from sslcli.engine import checkpoint as ckpt
+
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        raise TargetError(f"run {path} has no checkpoint yet (no checkpoints/ directory)")
+    try:
+        file = ckpt.resolve(path)
+    except CheckpointError as e:
+        raise TargetError(
+            f"{e} (expected a run directory, a checkpoint file or an exported directory)"
+        ) from e
+    groups, meta = ckpt.load(file)
+    method = rebuild_method(meta, groups.get("model", {}), source=file)
+    run_dir = run_dir_of(file)
+    kind: TargetKind = "run" if path.is_dir() and run_dir == path else "checkpoint"
+    view = method.views()[0]
+    cands = dict(method.export_candidates())
+    if not cands:
+        raise TargetError(f"{file}: method {method.name!r} exports no encoder")
+    method.eval()
+    return Target(
+        kind=kind,
+        path=path,
+        weights=file,
+        run_dir=run_dir,
+        method_name=method.name,
+        step=meta.get("step"),
+        image_size=int(method.backbone.sslcli_spec.image_size),
+        normalize=view.normalize,
+        mean=tuple(view.mean),  # type: ignore[arg-type]
+        std=tuple(view.std),  # type: ignore[arg-type]
+        candidates=cands,
+        method=method,
+        config=meta.get("config", {}),
+        meta=meta,
+    )
+
+
+def rebuild_method(
+    meta: dict[str, Any], state: dict[str, Tensor], *, source: Path | str = "checkpoint"
+) -> Any:
+    """The plugin class, config and backbone of a checkpoint, with its weights loaded."""
+    from sslcli import config as cfg
+    from sslcli import registry
+    from sslcli.backbones import BackboneSpec
+
+    config = meta.get("config")
+    bmeta = meta.get("backbone")
+    if not isinstance(config, dict) or not isinstance(bmeta, dict):
+        raise TargetError(f"{source}: checkpoint metadata lacks the run config or backbone")
+    name = cfg.method_name_of(config)
+    if not name:
+        raise TargetError(f"{source}: checkpoint does not say which method trained it")
+    method_cls = registry.load(name)
+    _, mcfg = cfg.resolve(method_cls, [config])
+    # The spec exactly as trained (not re-derived from the alias), so a changed alias table
+    # or default cannot silently rebuild a different network.
+    spec = BackboneSpec(
+        alias=str(bmeta.get("alias", bmeta["timm_name"])),
+        timm_name=str(bmeta["timm_name"]),
+        image_size=int(bmeta["image_size"]),
+        small_stem=bool(bmeta.get("small_stem", False)),
+        kwargs=dict(bmeta.get("kwargs", {})),
+    )
+    method = method_cls(mcfg, spec.build(), dataset_size=int(meta.get("dataset_size") or 0))
+    state = strip_prefixes(state)
+    try:
+        method.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise TargetError(
+            f"{source}: weights do not fit method {name!r} as installed now: {detail}"
+        ) from e
+    return method
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported directories
+# ---------------------------------------------------------------------------------------------
+
+
+def load_export(path: Path) -> Target:
+    from sslcli.export import load_timm
+
+    try:
+        cfg = json.loads((path / EXPORT_CONFIG).read_text())
+        model = load_timm(path)
+    except (OSError, json.JSONDecodeError, RuntimeError, KeyError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TargetError(f"cannot load exported model {path}: {first}") from e
+    model.eval()
+    pc = cfg.get("pretrained_cfg", {})
+    extra = cfg.get("sslcli", {})
+    size = int(pc.get("input_size", [3, 224, 224])[-1])
+    mean = tuple(pc.get("mean", IMAGENET_MEAN))
+    std = tuple(pc.get("std", IMAGENET_STD))
+    normalize = not (all(m == 0 for m in mean) and all(s == 1 for s in std))
+    run_cfg: dict[str, Any] = {}
+    if extra.get("dataset"):
+        run_cfg = {"data": {"dataset": extra["dataset"], "load_size": extra.get("load_size")}}
+    return Target(
+        kind="export",
+        path=path,
+        weights=path / EXPORT_WEIGHTS,
+        run_dir=None,
+        method_name=extra.get("method"),
+        step=extra.get("step"),
+        image_size=size,
+        normalize=normalize,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        candidates={"model": model},
+        method=None,
+        config=run_cfg,
+        meta=cfg,
+    )

@@ -1,0 +1,158 @@
+"""DINO's projection head and the multi-crop forward pass (one call per resolution)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free linear layer with weight normalisation: ``W = g · v / ‖v‖`` row-wise.
+
+    Weight normalisation (Salimans & Kingma 2016, Eq. 2: "w = g/‖v‖ · v") separates each
+    output unit's weight direction ``v`` from its length ``g``. DINO's last layer is
+    "a weight normalized fully connected layer" (Caron et al. 2021, Sec. 3.1) whose length
+    is fixed to 1 with ``norm_last_layer``: then ``g`` is a frozen parameter of ones and
+    only directions are learnt, which the paper's code finds stabilises training.
+
+    Written by hand rather than with ``torch.nn.utils`` so the state is two plain tensors,
+    ``weight_g`` [out, 1] and ``weight_v`` [out, in] (the names of ``nn.utils.weight_norm``
+    and of the official checkpoints), that survive ``state_dict`` round trips, deep copies
+    (the EMA teacher) and safetensors checkpoints without any re-parametrisation hooks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fixed_norm: bool = True) -> None:
+        super().__init__()
+        linear = nn.Linear(in_features, out_features, bias=False)  # PyTorch's default init
+        self.weight_v = nn.Parameter(linear.weight.detach().clone())
+        # "self.last_layer.weight_g.data.fill_(1)": unit-length rows from the start.
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fixed_norm)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight ``g · v / ‖v‖`` (each row's norm equals its ``g``)."""
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        fixed = not self.weight_g.requires_grad
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fixed_norm={fixed}"
+        )
+
+
+class DINOHead(nn.Module):
+    """MLP → ℓ2-normalised bottleneck → weight-normalised linear layer to K dimensions.
+
+    "The projection head consists of a 3-layer multi-layer perceptron (MLP) with hidden
+    dimension 2048 followed by ℓ2 normalization and a weight normalized fully connected
+    layer with K dimensions" (Caron et al. 2021, Sec. 3.1); "DINO does not use a
+    predictor" and, with ViTs, no BN in the head ("the ViT architectures do not use batch
+    normalizations by default. Therefore, when applying DINO to ViT we do not use any BN
+    also in the projection heads"). With the official defaults: Linear(D→2048) → GELU →
+    Linear(2048→2048) → GELU → Linear(2048→256), ``n(·)``, Linear(256→65536, no bias)
+    with weight norm, norm fixed to 1 when ``norm_last_layer``. The MLP's linear layers
+    are initialised N(0, 0.02²) truncated at ±2 with zero biases, as in the code.
+    ``use_bn`` inserts BatchNorm1d after each hidden linear layer (the code's
+    ``use_bn_in_head``, off by default).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        num_layers = max(num_layers, 1)
+        self.mlp: nn.Module
+        if num_layers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = []
+            dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+            for a, b in zip(dims[:-1], dims[1:], strict=True):
+                layers.append(nn.Linear(a, b))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(b))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+LOCAL_TO_GLOBAL = 96 / 224
+"""Side of a local crop relative to a global one in SwAV and DINO (96 vs 224 pixels)."""
+
+
+def patch_size(backbone: nn.Module) -> int:
+    """A ViT's patch side (crops must be a multiple of it); 1 for convnets."""
+    embed = getattr(backbone, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is None:
+        return 1
+    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def local_crop_size(image_size: int, patch: int = 1) -> int:
+    """Local-crop side for global crops of ``image_size``: 96/224 of it, as on ImageNet.
+
+    Rounded to the nearest multiple of ``patch`` (a ViT's patch embedding needs whole
+    patches; 224 px with 16 px patches gives exactly 96 = 6 patches) and never below one
+    patch. Examples: 224 → 96; 32 → 14 for convnets and 12 for a ViT with 4 px patches;
+    96 (STL-10) → 41 / 40 with 8 px patches.
+    """
+    patch = max(1, patch)
+    side = round(image_size * LOCAL_TO_GLOBAL / patch) * patch
+    return max(patch, side)
+
+
+def multicrop_blur_frac(crop_size: int, image_size: int) -> float:
+    """Blur-kernel side, as a fraction of ``crop_size``, giving every crop the kernel of the
+    global crops in pixels: 23 px at 224 (SwAV's ``cv2.GaussianBlur(img, (23, 23), σ)`` on
+    every crop; DINO's PIL blur is not truncated at all, and 23 px covers ±3σ for σ ≤ 2 at
+    every crop size), scaled with the global image size; at most the whole crop."""
+    return min(1.0, (23 / 224) * image_size / crop_size)
+
+
+def multicrop_forward(backbone: nn.Module, views: list[Tensor]) -> Tensor:
+    """Backbone features of every view, in order, with one call per run of equal sizes.
+
+    DINO's ``MultiCropWrapper`` and SwAV's ResNet forward "group" consecutive crops of the
+    same resolution and encode each group in a single forward pass: fewer, larger calls
+    (speed), and BatchNorm statistics computed over all crops of a resolution rather than
+    over one crop at a time. Returns the features of all views concatenated in the order
+    given ([sum of batch sizes, D]).
+    """
+    if not views:
+        raise ValueError("multicrop_forward needs at least one view")
+    feats: list[Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        group = views[start] if end - start == 1 else torch.cat(views[start:end])
+        feats.append(backbone(group))
+        start = end
+    return feats[0] if len(feats) == 1 else torch.cat(feats)
