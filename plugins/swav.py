@@ -183,7 +183,7 @@ class SwAVConfig(MethodConfig):
     collapse_tolerance: float = Field(
         0.01,
         ge=0,
-        description="A step counts as 'at ln K' (collapse) when loss >= ln K - this value.",
+        description="A step counts as 'at ln K' (collapse) when |loss - ln K| <= this value.",
     )
     collapse_patience: int | None = Field(
         None,
@@ -393,11 +393,13 @@ class SwAV(Method):
         """Count consecutive steps whose loss sits at ln K (collapse) without a host sync.
 
         With every feature equal, equipartition forces uniform codes and the best
-        prediction is uniform: the loss is exactly ln K (8.006 for 3000 prototypes). The
-        counter is a buffer (resume keeps it); it is read once per epoch to warn.
+        prediction is uniform: the loss settles at exactly ln K (8.006 for 3000 prototypes).
+        Early in training the loss is typically *above* ln K (predictions not yet matched
+        to the codes), so only a loss sitting at ln K counts. The counter is a buffer
+        (resume keeps it); it is read once per epoch to warn.
         """
         c = self.config
-        at = (loss.detach() >= math.log(c.num_prototypes) - c.collapse_tolerance).long()
+        at = ((loss.detach() - math.log(c.num_prototypes)).abs() <= c.collapse_tolerance).long()
         counting = step.step >= c.freeze_prototypes_iters
         with torch.no_grad():
             self.collapse_run.copy_((self.collapse_run + 1) * at if counting else at * 0)

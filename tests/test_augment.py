@@ -118,12 +118,28 @@ def test_resized_crop_flip_and_uint8() -> None:
             for b in range(x8.shape[0])
         ]
     )
-    _close(
-        out,
-        TF.horizontal_flip(ref) * flip[:, None, None, None] + ref * ~flip[:, None, None, None],
-        OP_TOL,
+    ref = torch.stack([TF.horizontal_flip(r) if f else r for r, f in zip(ref, flip, strict=True)])
+    _close(out, ref, OP_TOL)
+    unflipped = A.resized_crop(x8, boxes, 24, "bilinear")
+    _close(A.hflip(unflipped, flip), out, OP_TOL)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resized_crop_strong_shrink(interpolation: A.Interpolation) -> None:
+    # 200 px wide crops down to 12 px: ~17x shrink, dozens of taps per output pixel, where
+    # anti-aliasing (not point sampling) decides the result.
+    g = _gen(25)
+    x = torch.rand(3, 3, 120, 200, generator=g)
+    boxes = torch.tensor([[0, 0, 120, 200], [10, 20, 100, 150], [60, 3, 37, 190]])
+    out = A.resized_crop(x, boxes, 12, interpolation)
+    mode = InterpolationMode(interpolation)
+    ref = torch.stack(
+        [
+            TF.resized_crop(x[b], *boxes[b].tolist(), [12, 12], mode, antialias=True)
+            for b in range(3)
+        ]
     )
-    _close(A.hflip(ref, flip), out, OP_TOL)
+    _close(out, ref, OP_TOL)
 
 
 def test_resample_taps_are_a_partition_of_unity() -> None:

@@ -342,9 +342,11 @@ def test_collapse_flag_and_warning() -> None:
             flags.append(float(m._collapse_check(ln_k, _info(step, spe=4))["collapse"]))
     assert flags == [0, 0, 1, 1]
     assert any("collapsed" in str(w.message) for w in caught)
-    # A loss below ln K resets the count.
-    m._collapse_check(ln_k - 1.0, _info(4, spe=4))
-    assert int(m.collapse_run) == 0
+    # A loss away from ln K (learning below it, or still above it early on) resets the count.
+    for off in (-1.0, 0.5):
+        m._collapse_check(ln_k, _info(5, spe=4))
+        m._collapse_check(ln_k + off, _info(6, spe=4))
+        assert int(m.collapse_run) == 0
 
 
 def test_state_is_all_in_state_dict() -> None:
@@ -361,10 +363,15 @@ def test_swav_learns_on_digits(tmp_path: Path) -> None:
         "swav",
         overrides={
             "backbone": {"name": "resnet18"},
-            "trainer": {"epochs": 15, "batch_size": 128, "out": str(tmp_path), "log_every": 11},
-            # digits: 10 classes and 1,437 training images (11 steps per epoch), so ~10x the
-            # classes as prototypes and the prototypes frozen for one epoch, as on ImageNet.
-            "method": {"num_prototypes": 100, "freeze_prototypes_iters": 11},
+            "trainer": {"epochs": 8, "batch_size": 64, "out": str(tmp_path), "log_every": 22},
+            # digits: 10 classes and 1,437 training images (22 steps per epoch), so ~10x the
+            # classes as prototypes and the prototypes frozen for one epoch, as on ImageNet;
+            # 4 local crops instead of 6 keep the run within a CPU budget.
+            "method": {
+                "num_prototypes": 100,
+                "freeze_prototypes_iters": 22,
+                "local_crops_number": 4,
+            },
         },
     )
     assert result.knn_trained is not None and result.knn_random is not None

@@ -766,6 +766,50 @@ def _plan(spec: ViewSpec, p: ViewParams, in_hw: tuple[int, int]) -> _Plan:
     return plan
 
 
+@dataclass(frozen=True)
+class _Static:
+    """The per-spec constants the rendering code branches on."""
+
+    bicubic: bool
+    gray_first: bool
+    contrast: bool
+    saturation: bool
+
+    @staticmethod
+    def of(spec: ViewSpec) -> _Static:
+        return _Static(
+            bicubic=spec.interpolation == "bicubic",
+            gray_first=spec.grayscale_first,
+            contrast=spec.contrast > 0,
+            saturation=spec.saturation > 0,
+        )
+
+
+def _render(
+    static: _Static, source: Tensor, plan: _Plan, norm: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """The heavy passes of one view over ``source`` (float [B, C, H, W] in [0, 1]);
+    ``norm`` = (mean, std) [1, 3, 1, 1] or None."""
+    x = _resample(source, plan.rows, plan.cols)  # fresh: everything below is in place
+    if static.bicubic:
+        x = x.clamp_(0.0, 1.0)  # cubic overshoot; torchvision's uint8 path clamps too
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    if plan.gray is not None and static.gray_first:
+        x = _random_grayscale_(x, plan.gray)
+    if plan.jitter:
+        x = _jitter_(x, plan.jitter, static.contrast, static.saturation)
+    if plan.gray is not None and not static.gray_first:
+        x = _random_grayscale_(x, plan.gray)
+    if plan.blur is not None:
+        x = _blur(x, plan.blur)
+    if plan.solarize is not None:
+        x = _solarize_(x, plan.solarize)
+    if norm is not None:
+        x = x.sub_(norm[0]).div_(norm[1])
+    return x
+
+
 class ViewPipeline:
     """Turn a uint8 batch into the views a method's :class:`ViewSpec` list asks for.
 
@@ -813,8 +857,10 @@ class ViewPipeline:
         source = _to_float(images)
         return [self._view(source, spec, generator) for spec in self.views]
 
-    def _normalizer(self, spec: ViewSpec, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(mean, std)`` as [1, 3, 1, 1] tensors on ``device``."""
+    def _normalizer(self, spec: ViewSpec, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """``(mean, std)`` as [1, 3, 1, 1] tensors on ``device``, None without normalising."""
+        if not spec.normalize:
+            return None
         key = (spec.mean, spec.std, str(device))
         if key not in self._constants:
             self._constants[key] = (
@@ -834,34 +880,14 @@ class ViewPipeline:
     def _view(self, source: Tensor, spec: ViewSpec, generator: torch.Generator | None) -> Tensor:
         params = self.sample(spec, source, generator)
         plan = _plan(spec, params, (source.shape[2], source.shape[3]))
+        static = _Static.of(spec)
+        norm = self._normalizer(spec, source.device)
         b = source.shape[0]
         step = self._chunk(spec, source)
         if step >= b:
-            return self._render(source, spec, plan)
+            return _render(static, source, plan, norm)
         out = torch.empty(b, 3, spec.size, spec.size, device=source.device)
         for start in range(0, b, step):
             sl = slice(start, min(b, start + step))
-            out[sl] = self._render(source[sl], spec, plan.select(sl))
+            out[sl] = _render(static, source[sl], plan.select(sl), norm)
         return out
-
-    def _render(self, source: Tensor, spec: ViewSpec, plan: _Plan) -> Tensor:
-        """The heavy passes of one view over ``source`` (float [B, C, H, W] in [0, 1])."""
-        x = _resample(source, plan.rows, plan.cols)  # fresh: everything below is in place
-        if spec.interpolation == "bicubic":
-            x.clamp_(0.0, 1.0)  # cubic overshoot; torchvision's uint8 path clamps too
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1).contiguous()
-        if plan.gray is not None and spec.grayscale_first:
-            x = _random_grayscale_(x, plan.gray)
-        if plan.jitter:
-            x = _jitter_(x, plan.jitter, spec.contrast > 0, spec.saturation > 0)
-        if plan.gray is not None and not spec.grayscale_first:
-            x = _random_grayscale_(x, plan.gray)
-        if plan.blur is not None:
-            x = _blur(x, plan.blur)
-        if plan.solarize is not None:
-            x = _solarize_(x, plan.solarize)
-        if spec.normalize:
-            mean, std = self._normalizer(spec, x.device)
-            x = x.sub_(mean).div_(std)
-        return x
