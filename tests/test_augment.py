@@ -91,7 +91,9 @@ def _close(a: Tensor, b: Tensor, tol: float) -> None:
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [(16, 16), (32, 32), (64, 64), (24, 40)])
-def test_resized_crop_matches_torchvision(interpolation: A.Interpolation, size: tuple) -> None:
+def test_resized_crop_matches_torchvision(
+    interpolation: A.Interpolation, size: tuple[int, int]
+) -> None:
     x = _images()
     boxes = A.sample_crop_boxes(x.shape[0], 40, 52, (0.08, 1.0), generator=_gen(1))
     boxes[0] = torch.tensor([0, 0, 40, 52])  # whole image: strongest shrink

@@ -327,11 +327,12 @@ def _crop_taps(
 def _resample(images: Tensor, rows: tuple[Tensor, Tensor], cols: Tensor) -> Tensor:
     """Separable per-sample resampling of float [B, C, H, W] → [B, C, h, w].
 
-    Rows by gathering K whole input rows per output row (cost ∝ taps, so big images are
-    cheap); columns by one batched matrix product with a dense [W, w] matrix per sample.
+    Rows by gathering K whole input rows per output row (cost ∝ taps, whatever the source
+    height); columns by one batched matrix product with a dense [W, w] matrix per sample.
     The dense product does W/K times the arithmetic a gather would, but it reads the data
     in place and writes NCHW directly, where a column gather needs two transposes of the
-    batch, the slowest passes of all on a CPU; on a GPU it is a tensor-core-friendly bmm.
+    batch, the slowest passes of all on a CPU; on a GPU it is one batched GEMM. The price:
+    on a CPU the cost grows with the source width, so big sources are slow there.
     """
     b, c, _, w_in = images.shape
     y = _gather_rows(images, *rows)  # [B, C, h, W]
@@ -706,21 +707,31 @@ def sample_view_params(
     are skipped only for ops the spec disables, so the generator advances by the same
     amount every step: a resumed run draws exactly what the uninterrupted one did.
     """
-    kw = {"generator": generator, "device": device}
-    p = ViewParams(boxes=sample_crop_boxes(n, height, width, spec.scale, spec.ratio, **kw))
+    g, d = generator, device
+    p = ViewParams(
+        boxes=sample_crop_boxes(n, height, width, spec.scale, spec.ratio, generator=g, device=d)
+    )
     if spec.flip_p > 0:
-        p.flip = sample_mask(n, spec.flip_p, **kw)
+        p.flip = sample_mask(n, spec.flip_p, generator=g, device=d)
     if spec.jitter_p > 0 and any(_jitter_active(spec)):
         p.jitter_factors, p.jitter_order = sample_jitter(
-            n, spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p, **kw
+            n,
+            spec.brightness,
+            spec.contrast,
+            spec.saturation,
+            spec.hue,
+            spec.jitter_p,
+            generator=g,
+            device=d,
         )
     if spec.grayscale_p > 0:
-        p.gray = sample_mask(n, spec.grayscale_p, **kw)
+        p.gray = sample_mask(n, spec.grayscale_p, generator=g, device=d)
     if spec.blur_p > 0:
-        p.blur = sample_mask(n, spec.blur_p, **kw)
-        p.blur_sigma = sample_uniform(n, spec.blur_sigma[0], spec.blur_sigma[1], **kw)
+        p.blur = sample_mask(n, spec.blur_p, generator=g, device=d)
+        lo, hi = spec.blur_sigma
+        p.blur_sigma = sample_uniform(n, lo, hi, generator=g, device=d)
     if spec.solarize_p > 0:
-        p.solarize = sample_mask(n, spec.solarize_p, **kw)
+        p.solarize = sample_mask(n, spec.solarize_p, generator=g, device=d)
     return p
 
 
