@@ -76,7 +76,9 @@ def test_one_step_every_parameter_gets_a_gradient(name: str, tmp_path: Path) -> 
         seen: dict[str, bool] = {}
         hook = tr.method.before_optimizer_step
 
-        def spy(step: Any, tr: Trainer = tr, seen: dict[str, bool] = seen, hook: Any = hook) -> None:
+        def spy(
+            step: Any, tr: Trainer = tr, seen: dict[str, bool] = seen, hook: Any = hook
+        ) -> None:
             for n, p in tr.method.named_parameters():
                 if p.requires_grad:
                     seen[n] = p.grad is not None
