@@ -104,4 +104,28 @@ def train(
     return trainer.fit()
 
 
-__all__ = ["ConfigError", "TrainResult", "list_methods", "load_method", "resolve_config", "train"]
+def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
+    """Evaluate a run/checkpoint/export with ``knn``, ``linear`` or ``finetune``."""
+    from sslcli.eval.api import evaluate as _evaluate
+
+    return _evaluate(protocol, target, **kw)
+
+
+def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
+    """Write ``model.safetensors`` + a timm ``config.json`` for ``target`` into ``out``."""
+    from sslcli.export import export as _export
+
+    return _export(target, out, **kw)
+
+
+def compare(run_dirs: Any = (), **kw: Any) -> Any:
+    """Collect runs (or train ``methods=[...]``) into one comparison."""
+    from sslcli.compare import compare as _compare
+
+    return _compare(run_dirs, **kw)
+
+
+__all__ = [
+    "compare",
+    "evaluate",
+    "export","ConfigError", "TrainResult", "list_methods", "load_method", "resolve_config", "train"]
