@@ -22,6 +22,7 @@ alone (``l``, the default, and ``ab``), since a timm model has one input stem.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import torch
@@ -35,7 +36,7 @@ from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.colorspace import luma_chroma_views
 from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import NCELoss, sample_noise_indices, sampled_softmax_loss
+from sslcli.nn.nce import NCELoss, noise_count_warning, sample_noise_indices, sampled_softmax_loss
 
 
 class CMCConfig(MethodConfig):
@@ -106,6 +107,8 @@ class CMC(Method):
         c = config
         if dataset_size < 1:
             raise ConfigError(["cmc needs the data set size (one bank row per image)"])
+        if c.nce_k >= dataset_size:
+            warnings.warn(noise_count_warning("cmc", c.nce_k, dataset_size), stacklevel=2)
         spec = backbone.sslcli_spec
         # One encoder per view, built from the configured backbone with 1 and 2 input
         # channels. in_chans is written into each encoder's spec, so an exporter that

@@ -15,6 +15,8 @@ with ``nce_k = 0``, a softmax over the whole bank). Follows the official PyTorch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -25,7 +27,7 @@ from sslcli.data.views import ViewSpec
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import NCELoss, bank_softmax_loss, sample_noise_indices
+from sslcli.nn.nce import NCELoss, bank_softmax_loss, noise_count_warning, sample_noise_indices
 
 
 class InstDiscConfig(MethodConfig):
@@ -92,6 +94,9 @@ class InstDisc(Method):
         self.config: InstDiscConfig = config
         if dataset_size < 1:
             raise ConfigError(["instdisc needs the data set size (one bank row per image)"])
+        if config.nce_k >= dataset_size:
+            hint = noise_count_warning("instdisc", config.nce_k, dataset_size)
+            warnings.warn(f"{hint}, or nce_k=0 for the exact softmax", stacklevel=2)
         # The official ResNet's fc replaced by a 128-d Linear (with bias), then L2 norm.
         self.head = nn.Linear(feature_dim(backbone), config.proj_dim)
         self.memory = MemoryBank(dataset_size, config.proj_dim, config.bank_momentum)

@@ -245,8 +245,9 @@ def _coloured_digits(root: Path) -> Path:
 @pytest.mark.slow
 def test_short_run_on_coloured_digits_beats_random_init(tmp_path: Path) -> None:
     data = _coloured_digits(tmp_path / "coloured-digits")
-    # `ssl train cmc` defaults (K 4096, τ 0.07, NCE with frozen Z, SGD lr 0.03) at the
-    # digits scale: 16-px images (digits are 8 px), batch 128, small-stem ResNet-18.
+    # `ssl train cmc` defaults (NCE with frozen Z, τ 0.07, SGD lr 0.03) at the digits scale
+    # (16-px images, batch 128, small-stem ResNet-18), except K: with 1,438 images, K 4096
+    # would draw each anchor's own row ~3 times among its noise (see InstDisc's test).
     result = api.train(
         "cmc",
         overrides={
@@ -254,6 +255,7 @@ def test_short_run_on_coloured_digits_beats_random_init(tmp_path: Path) -> None:
             "data": {"dataset": f"imagefolder:{data}", "image_size": 16},
             "trainer": {"epochs": 10, "batch_size": 128, "out": str(tmp_path / "run"),
                         "log_every": 11},
+            "method": {"nce_k": 256},
         },
     )  # fmt: skip
     print(f"cmc kNN trained {result.knn_trained} random {result.knn_random}")

@@ -29,6 +29,16 @@ def sample_noise_indices(index: Tensor, k: int, dataset_size: int) -> Tensor:
     return torch.cat([index.reshape(-1, 1).to(noise.dtype), noise], dim=1)
 
 
+def noise_count_warning(method: str, k: int, n: int) -> str:
+    """Why K noise samples at least as many as the images is a poor NCE problem."""
+    return (
+        f"{method}: method.nce_k={k} >= {n} images: each image's own bank row is drawn about "
+        f"{k / n:.1f} times among its noise samples, which cancels most of the pull towards "
+        "it (the embedding tends to collapse); use a K well below the data set size, e.g. "
+        f"method.nce_k={max(1, n // 8)}"
+    )
+
+
 def bank_scores(anchors: Tensor, rows: Tensor) -> Tensor:
     """``v_j·f`` for every anchor ``f`` [B, D] and its rows ``v`` [B, K+1, D] → [B, K+1]."""
     return torch.bmm(rows, anchors.unsqueeze(2)).squeeze(2)
