@@ -194,6 +194,8 @@ class SimCLRV2(SimCLR):
             "exclude_norm_bias": True,
         },
         schedule={"kind": "cosine", "warmup_epochs": 10},
+        # "global BN": statistics over the whole batch across all cores (global_bn=True).
+        trainer={"sync_bn": True},
     )
 
     def __init__(self, config: SimCLRV2Config, backbone: Backbone, dataset_size: int = 0) -> None:

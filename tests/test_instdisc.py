@@ -270,10 +270,11 @@ def test_views_follow_the_official_augmentation() -> None:
     assert v.grayscale_p == 0.2 and v.grayscale_first
 
 
-def test_more_noise_samples_than_images_is_allowed() -> None:
-    # Noise is drawn with replacement (K·P_n > 1 is still a valid NCE problem), so the
-    # official K = 4096 also runs on digits' 1,438 images.
-    m = _method(nce_k=100)
+def test_more_noise_samples_than_images_runs_with_a_warning() -> None:
+    # Noise is drawn with replacement, so K >= N is computable (the official K = 4096 runs
+    # on digits' 1,438 images) but a poor problem, which the warning says.
+    with pytest.warns(UserWarning, match="nce_k=100 >= 40 images"):
+        m = _method(nce_k=100)
     out = m.training_step(_batch([0, 1, 2]), STEP)
     assert torch.isfinite(out.loss)
 

@@ -126,13 +126,14 @@ def test_defaults_and_recipes() -> None:
     assert r.optim["lr_scaling"] == "sqrt" and r.optim["weight_decay"] == 1e-4
     assert r.optim["exclude_norm_bias"] is True
     assert r.schedule == {"kind": "cosine", "warmup_epochs": 10}
+    assert r.trainer == {"sync_bn": True}  # the official global BN
     (spec,) = _method().views()  # v1's augmentation
     assert spec.scale == (0.08, 1.0) and spec.interpolation == "bicubic" and not spec.normalize
     _, run, cfg = api.resolve_config(config=RECIPES / "simclr-v2-cifar.toml")
     assert (cfg.temperature, cfg.color_strength, cfg.blur_p) == (0.5, 0.5, 0.0)
     assert run.optim.lr_scaling == "linear" and run.optim.weight_decay == 1e-4
     _, run, cfg = api.resolve_config(config=RECIPES / "simclr-v2-imagenet.toml")
-    assert run.trainer.batch_size == 4096 and run.optim.lr == 0.075
+    assert run.trainer.batch_size == 4096 and run.optim.lr == 0.075 and run.trainer.sync_bn
 
 
 def test_simclr_v1_head_is_unchanged() -> None:
