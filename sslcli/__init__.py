@@ -1,8 +1,9 @@
 """sslcli: self-supervised visual representation learning from the command line.
 
 The public API: :func:`train`, :func:`evaluate`, :func:`export`, :func:`compare`,
-:func:`list_methods`, :func:`load_method`, and :class:`Method` / :class:`MethodConfig` for
-plugin authors. Heavy modules are imported on first use so ``import sslcli`` stays cheap.
+:func:`list_methods`, :func:`load_method`, :func:`load_timm`, and :class:`Method` /
+:class:`MethodConfig` for plugin authors. Heavy modules are imported on first use so
+``import sslcli`` stays cheap.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _LAZY = {
     "evaluate": "sslcli.api",
     "export": "sslcli.api",
     "compare": "sslcli.api",
+    "load_timm": "sslcli.exporter",
 }
 
 __all__ = [*_LAZY, "__version__"]

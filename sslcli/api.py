@@ -113,14 +113,14 @@ def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
 
 def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
     """Write ``model.safetensors`` + a timm ``config.json`` for ``target`` into ``out``."""
-    from sslcli.export import export as _export
+    from sslcli.exporter import export as _export
 
     return _export(target, out, **kw)
 
 
 def compare(run_dirs: Any = (), **kw: Any) -> Any:
     """Collect runs (or train ``methods=[...]``) into one comparison."""
-    from sslcli.compare import compare as _compare
+    from sslcli.comparison import compare as _compare
 
     return _compare(run_dirs, **kw)
 
@@ -128,4 +128,11 @@ def compare(run_dirs: Any = (), **kw: Any) -> Any:
 __all__ = [
     "compare",
     "evaluate",
-    "export","ConfigError", "TrainResult", "list_methods", "load_method", "resolve_config", "train"]
+    "export",
+    "ConfigError",
+    "TrainResult",
+    "list_methods",
+    "load_method",
+    "resolve_config",
+    "train",
+]

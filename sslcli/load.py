@@ -10,7 +10,7 @@ A *target* is one of:
 Checkpoints rebuild the whole method (plugin class, resolved config, backbone spec,
 ``load_state_dict``), so evaluation uses ``method.embed`` exactly as training's kNN does and
 export can choose among ``method.export_candidates()``. Exported directories rebuild the
-plain timm model from its ``config.json`` (see :func:`sslcli.export.load_timm`).
+plain timm model from its ``config.json`` (see :func:`sslcli.load_timm`).
 
 Nothing here unpickles: checkpoints and exports are safetensors + JSON.
 """
@@ -292,7 +292,7 @@ def rebuild_method(
 
 
 def load_export(path: Path) -> Target:
-    from sslcli.export import load_timm
+    from sslcli.exporter import load_timm
 
     try:
         cfg = json.loads((path / EXPORT_CONFIG).read_text())

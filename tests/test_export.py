@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sslcli.cli.app import main
-from sslcli.export import load_timm
+from sslcli.exporter import load_timm
 from sslcli.load import load_target
 from tests.test_eval import cli, make_run
 

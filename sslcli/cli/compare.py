@@ -1,4 +1,4 @@
-"""``ssl compare [RUN_DIR...]`` / ``ssl compare --methods a,b,c``: call :mod:`sslcli.compare`."""
+"""``ssl compare [RUN_DIR...]`` / ``ssl compare --methods a,b,c``: call :mod:`sslcli.comparison`."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def compare(
     ),
 ) -> None:
     """Compare runs in one table (and a plot); or train several methods alike and compare."""
-    from sslcli import compare as cmp
+    from sslcli import comparison as cmp
     from sslcli.errors import SSLError
 
     if fmt not in cmp.FORMATS:

@@ -218,7 +218,7 @@ model.maxpool = nn.Identity()
 model.load_state_dict(load_file("model.safetensors"), strict=True)
 ```
 
-(`sslcli.export.load_timm(DIR)` does the same.) Inputs: {size}x{size} pixels, scaled to
+(`sslcli.load_timm(DIR)` does the same.) Inputs: {size}x{size} pixels, scaled to
 [0, 1], minus mean {mean}, divided by std {std}.
 """
 
@@ -280,7 +280,7 @@ def export(
         files.append(readme)
         notes.append(
             f"small-image stem: plain timm needs model.{stem['conv']} (3x3 stride 1) and "
-            f"model.maxpool (Identity) adjusted before loading; sslcli.export.load_timm(DIR) "
+            f"model.maxpool (Identity) adjusted before loading; sslcli.load_timm(DIR) "
             f"or the recipe in {readme} does it"
         )
     if with_heads:
