@@ -135,6 +135,13 @@ class TrainerConfig(_Section):
         description="Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the "
         "tensorboard package).",
     )
+    online_probe: bool = Field(
+        False,
+        description="Train a linear classifier on detached features of the evaluated "
+        "encoder during training and log its accuracy each epoch (labelled data only; "
+        "never changes the encoder).",
+    )
+    online_probe_lr: float = Field(0.1, gt=0, description="SGD learning rate of the probe.")
     checkpoint_every: int | None = Field(
         None,
         ge=1,

@@ -153,6 +153,14 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Features used for kNN / linear evaluation (the encoder's pooled output)."""
         return self.encoder()(images)
 
+    def finetune_encoder(self, layer: int | None = None) -> nn.Module | None:
+        """The network ``ssl eval finetune`` starts from when it is more than the evaluated
+        encoder (SimCLR v2 keeps the first ``layer`` projection-head layers), or None.
+
+        ``layer`` is ``--head-layer``; None asks for the method's own default.
+        """
+        return None
+
 
 def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -18,6 +18,7 @@ from sslcli.backbones import make_spec
 from sslcli.cli.app import main
 from sslcli.config import save_json
 from sslcli.engine import checkpoint as ckpt
+from sslcli.engine.runtime import eval_mode
 from sslcli.eval import linear as linear_mod
 from sslcli.eval.knn import knn_accuracies, knn_accuracy
 from sslcli.eval.linear import LinearHeads, linear_probe
@@ -536,3 +537,35 @@ def test_eval_on_an_image_folder_through_the_loader_path(
     code, out, err = cli(["eval", "finetune", str(run_dir), "--epochs", "1", *data], capsys)
     assert code == 0, err
     assert json.loads(out)["train_images"] == 16
+
+
+def test_simclr_v2_finetunes_from_a_head_layer(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SimCLR v2 fine-tunes from the middle of its 3-layer head by default (Sec. 2.1);
+    ``--head-layer`` picks another layer; other methods refuse the flag in one line."""
+    from sslcli.eval.finetune import build_net
+    from sslcli.load import load_target
+
+    v2 = make_run(tmp_path / "v2", method="simclr-v2", sets=["method.proj_hidden_dim=24"])
+    t = load_target(v2)
+    x = torch.randn(4, 3, 16, 16)
+    m = t.method
+    with torch.no_grad(), eval_mode(m):
+        want = m.projector[0](m.backbone(x))  # backbone, then head layer 1 (Linear-BN-ReLU)
+    net = build_net(t, None, 10, seed=0)  # the method's default, finetune_layer = 1
+    assert net.head.in_features == 24
+    with torch.no_grad(), eval_mode(net):
+        assert torch.allclose(net.features(x), want, atol=1e-6)
+    assert build_net(t, None, 10, 0, head_layer=0).head.in_features == m.backbone.num_features
+    assert build_net(t, None, 10, 0, head_layer=3).head.in_features == 128  # whole head
+    with pytest.raises(linear_mod.EvalError, match="--head-layer: layer must be in 0..3"):
+        build_net(t, None, 10, 0, head_layer=4)
+    # The network is a copy: fine-tuning never writes into the checkpoint's modules.
+    assert all(p is not q for p in net.parameters() for q in m.parameters())
+
+    code, _, err = cli(["eval", "finetune", str(run_dir), "--head-layer", "1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--head-layer needs a run or checkpoint of a method" in err
+    with pytest.raises(linear_mod.EvalError, match="fine-tuning only"):
+        api.evaluate("linear", v2, head_layer=1, record=False)

@@ -199,6 +199,12 @@ def finetune(
     train_batch_size: int = typer.Option(256, "--train-batch-size"),
     holdout: float = typer.Option(0.1, "--holdout", help="Fraction held out to choose --lr."),
     seed: int = typer.Option(0, "--seed"),
+    head_layer: int = typer.Option(
+        None,
+        "--head-layer",
+        help="SimCLR v2: fine-tune from this projection-head layer (0 = backbone only; "
+        "default: the method's method.finetune_layer, 1).",
+    ),
     which: str = WHICH,
     label_fraction: float = FRACTION,
     device: str = DEVICE,
@@ -211,6 +217,7 @@ def finetune(
     --label-fraction)."""
     _run(
         "finetune", target=target, data=data, lrs=lr, wds=[wd], epochs=epochs,
+        head_layer=head_layer,
         train_batch_size=train_batch_size, holdout=holdout, seed=seed, which=which,
         label_fraction=label_fraction, device=device, batch_size=batch_size,
         num_workers=workers, no_cache=True, as_json=as_json, no_record=no_record,

@@ -71,3 +71,6 @@ def train(
         out.print(
             f"kNN top-1 (test split): trained {100 * result.knn_trained:.1f}%  random init {rnd}"
         )
+    probe = result.extra.get("probe_test_top1")
+    if probe is not None:
+        out.print(f"online probe top-1 (test split): {100 * probe:.1f}%")

@@ -87,9 +87,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was = module.training
+    """Evaluate ``module``, then give every submodule back its own mode: a method may keep
+    parts in eval mode while training (``module.train(was)`` would flip them)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was)
+        for m, was in modes:
+            m.training = was

@@ -60,8 +60,9 @@ from sslcli.engine.runtime import (
     set_rng_state,
 )
 from sslcli.errors import CheckpointError, ConfigError, SSLError
-from sslcli.eval.features import extract
+from sslcli.eval.features import eval_transform, extract
 from sslcli.eval.knn import knn_accuracy
+from sslcli.eval.online_probe import OnlineProbe
 from sslcli.method import Batch, Method, MethodConfig, StepInfo, StepOutput
 from sslcli.nn import dist
 
@@ -299,6 +300,9 @@ class Trainer:
         self.base_lr = scaled_lr(o, self.global_batch)
         self.optimizer = build_optimizer(groups, o, self.base_lr)
         self.warmup_steps = self._warmup_steps()
+        self._probe_norm: tuple[Tensor, Tensor] | None = None
+        self.probe = self._make_probe()
+        self.probe_test: float | None = None
 
         self.step = 0
         self.epoch = 0
@@ -372,6 +376,47 @@ class Trainer:
         # Grouped convs (SK-ResNeXt) are slower in channels_last; ViTs gain nothing.
         name = self.backbone_spec.timm_name
         return self._cuda and not self.backbone_spec.is_vit and "resnext" not in name
+
+    def _make_probe(self) -> OnlineProbe | None:
+        """The online linear probe (``trainer.online_probe``), or None.
+
+        It reads the representation that kNN, the evaluators and the export use
+        (``method.embed``: the teacher for DINO, both encoders for CMC), on the batch's
+        images before augmentation, in eval mode and without gradients, so the encoder, its
+        BatchNorm statistics and every random stream are exactly as without the probe.
+        """
+        t = self.run.trainer
+        if not t.online_probe:
+            return None
+        classes = self.dataset.classes
+        if classes is None or len(classes) < 2 or not bool((self.dataset.labels >= 0).any()):
+            self._say(f"trainer.online_probe: {self.run.data.dataset} has no labels; no probe")
+            return None
+        spec = self.method.views()[0]
+        if spec.normalize:
+            self._probe_norm = (
+                torch.tensor(spec.mean, device=self.device),
+                torch.tensor(spec.std, device=self.device),
+            )
+        size = self.run.data.image_size
+        with torch.no_grad(), eval_mode(self.method):
+            dim = self.method.embed(torch.zeros(2, 3, size, size, device=self.device)).shape[1]
+        return OnlineProbe(dim, len(classes), lr=t.online_probe_lr).to(self.device)
+
+    def _probe_step(self, images: Tensor, labels: Tensor) -> None:
+        assert self.probe is not None
+        if images.dtype != torch.uint8:  # float [0, 1] input: eval_transform expects 0..255
+            images = images * 255
+        size = self.run.data.image_size
+        if self._probe_norm is None:
+            x = eval_transform(images, size, normalize=False)
+        else:
+            x = eval_transform(images, size, True, *self._probe_norm)
+        if self._channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), eval_mode(self.method), autocast(self.device, self.dtype):
+            feats = self.method.embed(x)
+        self.probe.step(feats.float(), labels)
 
     def _compile(self) -> None:
         try:
@@ -471,7 +516,12 @@ class Trainer:
         path = ckpt.save(
             self.run_dir / "checkpoints",
             self.step,
-            {"model": self.method.state_dict(), "optim": opt_tensors, "state": per_rank},
+            {
+                "model": self.method.state_dict(),
+                "optim": opt_tensors,
+                "state": per_rank,
+                **({"probe": self.probe.state_dict()} if self.probe is not None else {}),
+            },
             meta,
             keep=self.run.trainer.keep_checkpoints,
         )
@@ -504,6 +554,11 @@ class Trainer:
         for g, cur in zip(self.optimizer.param_groups, current, strict=True):
             g.update(cur)
         self._load_rank_state(groups.get("state", {}), meta)
+        if self.probe is not None:
+            if "probe" in groups:
+                self.probe.load_state_dict(groups["probe"])
+            else:
+                self._say(f"{path} has no online probe: the probe starts from scratch")
         self.step = int(meta["step"])
         self.epoch = self.step // self.steps_per_epoch
         self.nonfinite = int(meta.get("nonfinite", 0))
@@ -678,6 +733,8 @@ class Trainer:
         self.method.before_optimizer_step(info)
         self.optimizer.step()
         self.method.after_optimizer_step(info)
+        if self.probe is not None:
+            self._probe_step(images, batch.labels)  # type: ignore[arg-type]
         return out, True
 
     def _clip_gradients(self) -> Tensor | None:
@@ -758,6 +815,10 @@ class Trainer:
         with eval_mode(self.method), autocast(self.device, self.dtype):
             tr_f, tr_y = extract(self.method.embed, train, **kw)
             te_f, te_y = extract(self.method.embed, test, **kw)
+        if self.probe is not None and self.step > 0:
+            keep = te_y >= 0
+            pred = self.probe.predict(te_f[keep].to(self.device)).argmax(1).cpu()
+            self.probe_test = float((pred == te_y[keep]).float().mean())
         return knn_accuracy(tr_f, tr_y, te_f, te_y, t.knn_k, t.knn_temperature)
 
     # -- the run -----------------------------------------------------------------------------------
@@ -849,13 +910,21 @@ class Trainer:
                 if self._stop_signum is not None:
                     self._interrupt(log, lr)
                 epoch_end = self.step % self.steps_per_epoch == 0
+                # Before the checkpoint, so a run resumed from it starts a clean epoch (every
+                # process takes part in the probe's all-reduce).
+                probe = self._probe_epoch() if epoch_end else {}
                 if (
                     epoch_end or self.step == self.stop_step
                 ) and self._last_saved_step != self.step:
                     self.save_checkpoint()
                 if epoch_end and main:
                     log.write({"event": "epoch", "epoch": epoch, "step": self.step,
-                               "time": time.time()})  # fmt: skip
+                               **probe, "time": time.time()})  # fmt: skip
+                    if probe:
+                        self._say(
+                            f"epoch {epoch}: online probe top-1 {100 * probe['probe_top1']:.1f}% "
+                            "(training images)"
+                        )
             if self._pending:
                 # Stopped by max_steps off a log boundary: report the partial window. The
                 # checkpoint keeps these values, so a resumed run's next line is the same
@@ -867,16 +936,26 @@ class Trainer:
             knn_trained = self.knn()
             result = TrainResult(
                 self.run_dir, self.step, log.last_loss, knn_trained, self.knn_random, ips,
+                extra={"probe_test_top1": self.probe_test} if self.probe_test is not None else {},
                 rank=dist.rank(),
             )  # fmt: skip
             if main:
                 log.write({"event": "end", "step": self.step, "loss": log.last_loss,
                            "knn_top1": knn_trained, "knn_random": self.knn_random,
+                           "probe_test_top1": self.probe_test,
                            "images_per_s": ips, "wall_s": elapsed,
                            "peak_mem_mb": _peak_mem_mb(self.device),
                            "time": time.time()})  # fmt: skip
             self._flag = None
         return result
+
+    def _probe_epoch(self) -> dict[str, float]:
+        """The probe's accuracy over the epoch's steps (a resumed epoch included), reset."""
+        if self.probe is None:
+            return {}
+        stats = self.probe.compute()
+        self.probe.reset()
+        return stats
 
     def _record(self, out: StepOutput) -> None:
         """Keep the step's scalars on the device until the next log line (no sync)."""

@@ -168,6 +168,7 @@ def evaluate(
     train_batch_size: int | None = None,
     holdout: float = 0.1,
     augment: bool = False,
+    head_layer: int | None = None,
     seed: int = 0,
     record: bool = True,
     say: Callable[[str], None] = _quiet,
@@ -190,6 +191,8 @@ def evaluate(
     wd_list = _parse_floats(wds, (0.0,))
     if protocol == "finetune" and len(wd_list) != 1:
         raise EvalError("fine-tuning takes one --wd value")
+    if head_layer is not None and (protocol != "finetune" or head_layer < 0):
+        raise EvalError("--head-layer is a layer number >= 0 for fine-tuning only")
     t0 = time.perf_counter()
     dev = pick_device(device)
     dtype = pick_dtype("auto", dev)
@@ -200,6 +203,15 @@ def evaluate(
         if target is None:
             say(f"target: {t.path} (the most recent run under ./runs)")
     t.check_which(which)
+    if head_layer is not None:
+        from sslcli.method import Method
+
+        m = t.method
+        if which is not None or m is None or type(m).finetune_encoder is Method.finetune_encoder:
+            raise EvalError(
+                "--head-layer needs a run or checkpoint of a method that fine-tunes from its "
+                "projection head (simclr-v2), without --which"
+            )
     t.to(dev)
     spec, train, test = open_eval_data(t, data, say)
     n_classes = num_classes_of(train, test)
@@ -259,11 +271,11 @@ def evaluate(
     else:
         ep = epochs or default_epochs(label_fraction)
         res_ft = finetune(
-            t, train, test, n_classes, rows=rows, which=which, lrs=lr_list,
+            t, train, test, n_classes, rows=rows, which=which, head_layer=head_layer, lrs=lr_list,
             weight_decay=wd_list[0], epochs=ep, batch_size=train_batch_size or 256,
             holdout=holdout, device=dev, dtype=dtype, seed=seed, num_workers=num_workers,
         )  # fmt: skip
-        out.update(res_ft.to_json(), wd=wd_list[0])
+        out.update(res_ft.to_json(), wd=wd_list[0], head_layer=head_layer)
     out["wall_s"] = time.perf_counter() - t0
     out["time"] = time.time()
     if record and t.run_dir is not None:

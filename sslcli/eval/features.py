@@ -16,10 +16,14 @@ def eval_transform(
     images: Tensor,
     size: int,
     normalize: bool = True,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | Tensor = IMAGENET_MEAN,
+    std: tuple[float, float, float] | Tensor = IMAGENET_STD,
 ) -> Tensor:
-    """uint8 [B, C, H, W] -> float [B, 3, size, size]: resize (if needed), [0,1], normalise."""
+    """uint8 [B, C, H, W] -> float [B, 3, size, size]: resize (if needed), [0,1], normalise.
+
+    ``mean``/``std`` may be [1, 3, 1, 1] tensors already on the device (a per-step caller
+    avoids a blocking host-to-device copy that way).
+    """
     x = images.float().div_(255)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -28,9 +32,9 @@ def eval_transform(
             x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
     if normalize:
-        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-        x = (x - m) / s
+        m = mean if isinstance(mean, Tensor) else torch.tensor(mean, device=x.device)
+        s = std if isinstance(std, Tensor) else torch.tensor(std, device=x.device)
+        x = (x - m.view(1, 3, 1, 1)) / s.view(1, 3, 1, 1)
     return x
 
 

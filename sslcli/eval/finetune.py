@@ -98,17 +98,38 @@ class FineTuneNet(nn.Module):
         return self.head(self.features(x).float())
 
 
-def build_net(target: Target, which: str | None, num_classes: int, seed: int) -> FineTuneNet:
-    """Copy only what the evaluated features need: the named encoder, or the method's
-    encoder when ``embed`` is the default, or the whole method when it overrides ``embed``
-    (e.g. CMC concatenating two encoders). Every copied parameter trains (DINO's teacher
-    is frozen during pre-training; here it is the network being fine-tuned)."""
+def build_net(
+    target: Target,
+    which: str | None,
+    num_classes: int,
+    seed: int,
+    head_layer: int | None = None,
+) -> FineTuneNet:
+    """Copy only what the evaluated features need: the named encoder, the method's own
+    fine-tuning network (:meth:`Method.finetune_encoder`: SimCLR v2's backbone plus head
+    layers), the method's encoder when ``embed`` is the default, or the whole method when
+    it overrides ``embed`` (e.g. CMC concatenating two encoders). Every copied parameter
+    trains (DINO's teacher is frozen during pre-training; here it is the network being
+    fine-tuned)."""
     from sslcli.method import Method
 
     method = target.method
     body: nn.Module
     via_embed = False
-    if which is not None or method is None:
+    own = None
+    if which is None and method is not None:
+        try:
+            own = method.finetune_encoder(head_layer)
+        except ValueError as e:
+            raise EvalError(f"--head-layer: {e}") from e
+    if head_layer is not None and own is None:
+        raise EvalError(
+            "--head-layer needs a run or checkpoint of a method that fine-tunes from its "
+            "projection head (simclr-v2), without --which"
+        )
+    if own is not None:
+        body = copy.deepcopy(own)
+    elif which is not None or method is None:
         body = copy.deepcopy(target.candidates[which or target.default_which])
     elif type(method).embed is Method.embed:
         body = copy.deepcopy(method.encoder())
@@ -236,6 +257,7 @@ def finetune(
     *,
     rows: Tensor | None = None,
     which: str | None = None,
+    head_layer: int | None = None,
     lrs: Sequence[float] = (DEFAULT_LR,),
     weight_decay: float = 0.0,
     epochs: int = 30,
@@ -270,14 +292,14 @@ def finetune(
         n_held = int(held_pos.numel())
         held_set = RowSubset(train, rows[held_pos])
         for c in cands:
-            net = build_net(target, which, num_classes, seed)
+            net = build_net(target, which, num_classes, seed, head_layer)
             train_net(net, train, rows[fit_pos], lr=c["lr"], **kw)
             c["holdout_top1"], _ = score_net(
                 net, target, held_set, device, dtype, batch_size, num_workers
             )
             del net
         best = max(range(len(cands)), key=lambda i: (cands[i]["holdout_top1"], -i))
-    net = build_net(target, which, num_classes, seed)
+    net = build_net(target, which, num_classes, seed, head_layer)
     train_net(net, train, rows, lr=cands[best]["lr"], **kw)
     top1, top5 = score_net(net, target, test, device, dtype, batch_size, num_workers)
     return FineTuneResult(
