@@ -87,8 +87,7 @@ class CMC(Method):
     Config = CMCConfig
     needs_dataset_size = True
     # train_CMC.py: torch SGD over all parameters, lr 0.03, weight decay 1e-4, batch 128
-    # for ResNets; the ×0.1 decays at epochs 120/160/200 of 240 are in
-    # examples/recipes/cmc-imagenet.toml (milestones are absolute epochs).
+    # for ResNets, ×0.1 at epochs 120/160/200 of 240 (stated as fractions of the run).
     recipe = Recipe(
         optim={
             "name": "sgd",
@@ -98,7 +97,12 @@ class CMC(Method):
             "weight_decay": 1e-4,
             "exclude_norm_bias": False,
         },
-        schedule={"kind": "step", "gamma": 0.1, "warmup_epochs": 0},
+        schedule={
+            "kind": "step",
+            "milestones": [120 / 240, 160 / 240, 200 / 240],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+        },
     )
 
     def __init__(self, config: CMCConfig, backbone: Backbone, dataset_size: int = 0) -> None:

@@ -74,9 +74,8 @@ class InstDisc(Method):
     name = "instdisc"
     Config = InstDiscConfig
     needs_dataset_size = True
-    # lemniscate main.py: torch SGD over all parameters, lr 0.03 at batch 256, no warm-up;
-    # the ×0.1 decays at epochs 120 and 160 are in examples/recipes/instdisc-imagenet.toml,
-    # since milestones are absolute epochs and would break any shorter run as defaults.
+    # lemniscate main.py: torch SGD over all parameters, lr 0.03 at batch 256, no warm-up,
+    # ×0.1 at epochs 120 and 160 of 200 (stated as fractions of the run).
     recipe = Recipe(
         optim={
             "name": "sgd",
@@ -86,7 +85,7 @@ class InstDisc(Method):
             "weight_decay": 1e-4,
             "exclude_norm_bias": False,
         },
-        schedule={"kind": "step", "gamma": 0.1, "warmup_epochs": 0},
+        schedule={"kind": "step", "milestones": [0.6, 0.8], "gamma": 0.1, "warmup_epochs": 0},
     )
 
     def __init__(self, config: InstDiscConfig, backbone: Backbone, dataset_size: int = 0) -> None:

@@ -89,8 +89,8 @@ class InvaSpread(Method):
     Config = InvaSpreadConfig
     # demo_seen.py: torch SGD over all parameters, lr 0.03 at batch 128 (a fixed value, no
     # batch-size rule), weight decay 5e-4; its schedule only ever applies ×0.1 from epoch
-    # 120 (the later branches of its if/elif chain cannot be reached), which is in
-    # examples/recipes/invaspread-cifar.toml with the 300 epochs.
+    # 120 of 300 (the later branches of its if/elif chain cannot be reached), stated here
+    # as a fraction of the run (0.4).
     recipe = Recipe(
         optim={
             "name": "sgd",
@@ -100,7 +100,7 @@ class InvaSpread(Method):
             "weight_decay": 5e-4,
             "exclude_norm_bias": False,
         },
-        schedule={"kind": "step", "gamma": 0.1, "warmup_epochs": 0},
+        schedule={"kind": "step", "milestones": [0.4], "gamma": 0.1, "warmup_epochs": 0},
     )
 
     def __init__(self, config: InvaSpreadConfig, backbone: Backbone, dataset_size: int = 0) -> None:

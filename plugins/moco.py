@@ -242,15 +242,16 @@ class MoCoV1(_MoCo):
     ColorJitter(0.4, 0.4, 0.4, 0.4) always → flip. SGD lr 0.03 × B/256, momentum 0.9,
     weight decay 1e-4 on all parameters, 200 epochs with lr ×0.1 at epochs 120 and 160.
 
-    The two milestones are in ``examples/recipes/moco-v1-imagenet.toml`` with its 200
-    epochs, not in ``recipe``: the run config states milestones in absolute epochs and
-    rejects any beyond ``trainer.epochs``, so a recipe default would break every shorter
-    run. The built-in default is therefore a step schedule without decays (constant lr).
+    The recipe states the decays as fractions of the run (0.6 and 0.8: epochs 120 and 160
+    of 200), so a run of any length decays at the same relative points.
     """
 
     name = "moco-v1"
     Config = MoCoV1Config
-    recipe = Recipe(optim=dict(_SGD), schedule={"kind": "step", "gamma": 0.1, "warmup_epochs": 0})
+    recipe = Recipe(
+        optim=dict(_SGD),
+        schedule={"kind": "step", "milestones": [0.6, 0.8], "gamma": 0.1, "warmup_epochs": 0},
+    )
 
     def views(self) -> list[ViewSpec]:
         c = self.config

@@ -90,7 +90,11 @@ class ScheduleConfig(_Section):
         description="Linear warm-up; default: the method's recipe, capped at 10% of the run.",
     )
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Cosine ends at lr * this.")
-    milestones: list[int] = Field(default_factory=list, description="Epochs of step decays.")
+    milestones: list[float] = Field(
+        default_factory=list,
+        description="Step decays: at these epochs (>= 1), or at these fractions of the run "
+        "(0 < m < 1, as method recipes state them so they fit runs of any length).",
+    )
     gamma: float = Field(0.1, gt=0, le=1, description="Step-decay factor.")
     weight_decay_end: float | None = Field(
         None, ge=0, description="Cosine weight-decay schedule to this value (DINO)."
@@ -163,6 +167,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         for m in self.schedule.milestones:
+            if m <= 0:
+                raise ValueError(f"milestone {m} must be > 0 (an epoch, or a fraction < 1)")
             if m > self.trainer.epochs:
                 raise ValueError(f"milestone {m} is beyond trainer.epochs={self.trainer.epochs}")
         return self

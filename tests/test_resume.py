@@ -21,6 +21,7 @@ from sslcli import api
 from sslcli.cli.app import main
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine.trainer import Trainer
+from sslcli.errors import ConfigError
 from tests.test_train_formats import write_idx, write_image_tree
 
 
@@ -267,3 +268,38 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(idx_data: Path, tmp_path:
     Trainer(run, method_cls, mcfg).fit()
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["last.safetensors", "step-00000003.safetensors", "step-00000004.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        # 10-step runs. MoCo v1 / InstDisc: x0.1 at 0.6 and 0.8 of the run (120, 160 of 200).
+        ("moco-v1", [1.0] * 6 + [0.1] * 2 + [0.01] * 2),
+        ("instdisc", [1.0] * 6 + [0.1] * 2 + [0.01] * 2),
+        # CMC: 120/160/200 of 240 -> steps 5, round(6.67) = 7, round(8.33) = 8.
+        ("cmc", [1.0] * 5 + [0.1] * 2 + [0.01] + [0.001] * 2),
+        # InvaSpread: 120 of 300 -> step 4.
+        ("invaspread", [1.0] * 4 + [0.1] * 6),
+    ],
+)
+def test_recipe_milestones_are_fractions_of_any_run(
+    method: str, expected: list[float], idx_data: Path, tmp_path: Path
+) -> None:
+    method_cls, run, mcfg = api.resolve_config(
+        method, overrides=_overrides(idx_data, tmp_path / method, None)
+    )
+    tr = Trainer(run, method_cls, mcfg)
+    assert [tr.lr_factor(s) for s in range(10)] == pytest.approx(expected)
+
+
+def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> None:
+    o = _overrides(idx_data, tmp_path / "w", None)
+    o["schedule"] = {"kind": "step", "milestones": [1], "gamma": 0.5}
+    method_cls, run, mcfg = api.resolve_config("simclr", overrides=o)
+    # Epoch 1 = step 5; the recipe warm-up (capped to 1 step) comes first.
+    tr = Trainer(run, method_cls, mcfg)
+    assert [tr.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.5] * 5
+    for bad, why in (([0], "must be > 0"), ([3], "beyond trainer.epochs=2")):
+        o["schedule"]["milestones"] = bad
+        with pytest.raises(ConfigError, match=why):
+            api.resolve_config("simclr", overrides=o)

@@ -16,7 +16,7 @@ def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.
 
 
 def warmup_step(
-    step: int, steps_per_epoch: int, warmup: int, milestones: Sequence[int], gamma: float
+    step: int, steps_per_epoch: int, warmup: int, milestones: Sequence[float], gamma: float
 ) -> float:
     """Linear warm-up, then multiply by ``gamma`` at each milestone epoch passed."""
     if warmup > 0 and step < warmup:

@@ -447,6 +447,14 @@ class Trainer:
             print(msg, file=sys.stderr)
 
     # -- schedules ---------------------------------------------------------------------------------
+    def milestone_epochs(self) -> list[float]:
+        """``schedule.milestones`` in epochs: a fraction m < 1 of the run becomes the epoch
+        of step round(m * total_steps), so it falls on a whole step."""
+        spe = self.steps_per_epoch
+        return [
+            m if m >= 1 else round(m * self.total_steps) / spe for m in self.run.schedule.milestones
+        ]
+
     def lr_factor(self, step: int) -> float:
         s = self.run.schedule
         if s.kind == "cosine":
@@ -455,7 +463,7 @@ class Trainer:
             )
         if s.kind == "step":
             return schedules.warmup_step(
-                step, self.steps_per_epoch, self.warmup_steps, s.milestones, s.gamma
+                step, self.steps_per_epoch, self.warmup_steps, self.milestone_epochs(), s.gamma
             )
         return schedules.warmup_constant(step, self.warmup_steps)
 
