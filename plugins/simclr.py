@@ -4,10 +4,11 @@ Semi-Supervised Learners").
 
 Two views of each image, an MLP projection head, and NT-Xent with the partner view as the
 positive and the 2N-2 other views as negatives (gathered across processes). Follows the
-official TensorFlow code: head Linear(D)->BN->ReLU->Linear(128)->BN, LARS with BN and
-biases excluded, lr 0.3 x B/256, 10 warm-up epochs then cosine, weight decay 1e-6,
-Inception-style crops with bicubic resize, colour distortion of strength 1.0 with random
-order, blur on ImageNet, and no mean/std normalisation of the pixels.
+official TensorFlow code: head Linear(D)->BN->ReLU->Linear(128)->BN without shift (no
+biases, weights from N(0, 0.01^2)), LARS with BN and biases excluded, lr 0.3 x B/256, 10
+warm-up epochs then cosine, weight decay 1e-6, Inception-style crops with bicubic resize,
+colour distortion of strength 1.0 with random order, blur on ImageNet, and no mean/std
+normalisation of the pixels.
 
 SimCLR v2 (:class:`SimCLRV2`) keeps the loss and the augmentation and changes the
 projection head (three layers, fine-tuned from its middle), the weight decay (1e-4) and
@@ -24,8 +25,54 @@ from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn.heads import MLP
 from sslcli.nn.losses import nt_xent
+
+
+class BatchNorm1dNoShift(nn.BatchNorm1d):
+    """BatchNorm with a learnable scale γ and no shift β.
+
+    The last layer of SimCLR's projection head is built with ``use_bias=False`` and its
+    BN with ``center=use_bias`` in the official code, so its output is ``γ·x̂`` with no β.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True)
+        self.bias = None  # keeps the 'bias' key out of state_dict; F.batch_norm accepts None
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class SimCLRProjector(nn.Sequential):
+    """SimCLR's projection head g: ``[Linear → BN → ReLU] × (L−1) → Linear → BN(γ)``.
+
+    Two layers in v1; "we also increase the capacity of the non-linear network g(·) (a.k.a.
+    projection head), by making it deeper ... we use a 3-layer projection head" in v2 (Chen
+    et al. 2020b, Sec. 2.1). Both follow the official code's ``linear_layer``: Linear
+    without bias (BN follows), weights drawn from N(0, 0.01²), BN with β in the middle
+    layers and without β in the last one; the middle layers are as wide as their input.
+    ``self[i]`` is layer i (a Sequential), so ``self[:k]`` is the head up to layer k, the
+    part kept for fine-tuning.
+    """
+
+    def __init__(self, width: int, hidden: int, out: int, num_layers: int) -> None:
+        dims = [width] + [hidden] * (num_layers - 1) + [out]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            linear = nn.Linear(dims[i], dims[i + 1], bias=False)
+            nn.init.normal_(linear.weight, std=0.01)
+            if i < num_layers - 1:
+                layers.append(nn.Sequential(linear, nn.BatchNorm1d(dims[i + 1]), nn.ReLU()))
+            else:
+                layers.append(nn.Sequential(linear, BatchNorm1dNoShift(dims[i + 1])))
+        super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - Sequential semantics
+        return super().forward(x)
 
 
 class SimCLRConfig(MethodConfig):
@@ -69,8 +116,7 @@ class SimCLR(Method):
     def _make_projector(self, width: int) -> nn.Module:
         c = self.config
         hidden = c.proj_hidden_dim or width
-        # v1 head as in the official code: both linear layers followed by BN.
-        return MLP([width, hidden, c.proj_dim], last_bn=True)
+        return SimCLRProjector(width, hidden, c.proj_dim, num_layers=2)
 
     def views(self) -> list[ViewSpec]:
         c = self.config
@@ -102,52 +148,6 @@ class SimCLR(Method):
 
 
 # -- SimCLR v2 ---------------------------------------------------------------------------------
-
-
-class BatchNorm1dNoShift(nn.BatchNorm1d):
-    """BatchNorm with a learnable scale γ and no shift β.
-
-    The last layer of SimCLR's projection head is built with ``use_bias=False`` and its
-    BN with ``center=use_bias`` in the official code, so its output is ``γ·x̂`` with no β.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=True)
-        self.bias = None  # keeps the 'bias' key out of state_dict; F.batch_norm accepts None
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-class SimCLRV2Projector(nn.Sequential):
-    """SimCLR v2's projection head g: ``[Linear → BN → ReLU] × (L−1) → Linear → BN(γ)``.
-
-    "we also increase the capacity of the non-linear network g(·) (a.k.a. projection head),
-    by making it deeper ... we use a 3-layer projection head" (Chen et al. 2020b, Sec.
-    2.1), with the official code's layer: Linear without bias (BN follows), weights drawn
-    from N(0, 0.01²), BN with β in the middle layers and without β in the last one; the
-    middle layers are as wide as their input. ``self[i]`` is layer i (a Sequential), so
-    ``self[:k]`` is the head up to layer k, the part kept for fine-tuning.
-    """
-
-    def __init__(self, width: int, hidden: int, out: int, num_layers: int) -> None:
-        dims = [width] + [hidden] * (num_layers - 1) + [out]
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            linear = nn.Linear(dims[i], dims[i + 1], bias=False)
-            nn.init.normal_(linear.weight, std=0.01)
-            if i < num_layers - 1:
-                layers.append(nn.Sequential(linear, nn.BatchNorm1d(dims[i + 1]), nn.ReLU()))
-            else:
-                layers.append(nn.Sequential(linear, BatchNorm1dNoShift(dims[i + 1])))
-        super().__init__(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - Sequential semantics
-        return super().forward(x)
 
 
 class SimCLRV2Config(SimCLRConfig):
@@ -212,7 +212,7 @@ class SimCLRV2(SimCLR):
     def _make_projector(self, width: int) -> nn.Module:
         c = self.config
         assert isinstance(c, SimCLRV2Config)
-        return SimCLRV2Projector(width, c.proj_hidden_dim or width, c.proj_dim, c.num_proj_layers)
+        return SimCLRProjector(width, c.proj_hidden_dim or width, c.proj_dim, c.num_proj_layers)
 
     def finetune_encoder(self, layer: int | None = None) -> nn.Module:
         """The backbone followed by the first ``layer`` projection-head layers.

@@ -52,8 +52,15 @@ def test_simclr_head_and_views() -> None:
 
     cls, run, cfg = api.resolve_config("simclr")
     m = cls(cfg, make_spec("test_resnet", 16).build())
-    layers = [type(x).__name__ for x in m.projector]
-    assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    # The official head: Linear (no bias) -> BN -> ReLU -> Linear (no bias) -> BN without
+    # shift, the hidden layer as wide as the features, weights from N(0, 0.01^2).
+    layers = [[type(x).__name__ for x in layer] for layer in m.projector]
+    assert layers == [["Linear", "BatchNorm1d", "ReLU"], ["Linear", "BatchNorm1dNoShift"]]
+    (l1, bn1, _), (l2, bn2) = m.projector
+    width = m.backbone.num_features
+    assert (l1.in_features, l1.out_features, l2.out_features) == (width, width, 128)
+    assert l1.bias is None and l2.bias is None and bn1.bias is not None and bn2.bias is None
+    assert abs(float(l1.weight.std()) - 0.01) < 0.002
     (spec,) = m.views()
     assert spec.count == 2 and spec.interpolation == "bicubic" and not spec.normalize
     assert spec.brightness == 0.8 and spec.hue == 0.2 and spec.scale == (0.08, 1.0)
