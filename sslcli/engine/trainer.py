@@ -61,7 +61,7 @@ from sslcli.engine.runtime import (
 )
 from sslcli.errors import CheckpointError, ConfigError, SSLError
 from sslcli.eval.features import eval_transform, extract
-from sslcli.eval.knn import knn_accuracy
+from sslcli.eval.knn import knn_accuracies
 from sslcli.eval.online_probe import OnlineProbe
 from sslcli.method import Batch, Method, MethodConfig, StepInfo, StepOutput
 from sslcli.nn import dist
@@ -827,7 +827,10 @@ class Trainer:
             keep = te_y >= 0
             pred = self.probe.predict(te_f[keep].to(self.device)).argmax(1).cpu()
             self.probe_test = float((pred == te_y[keep]).float().mean())
-        return knn_accuracy(tr_f, tr_y, te_f, te_y, t.knn_k, t.knn_temperature)
+        # Similarity blocks sized to the reference set (an ImageNet-sized one never
+        # materialises a 1024 x 1.28M block).
+        accs = knn_accuracies(tr_f, tr_y, te_f, te_y, (t.knn_k,), t.knn_temperature)
+        return accs[t.knn_k]
 
     # -- the run -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
