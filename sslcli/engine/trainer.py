@@ -826,7 +826,7 @@ class Trainer:
         if self.probe is not None and self.step > 0:
             keep = te_y >= 0
             pred = self.probe.predict(te_f[keep].to(self.device)).argmax(1).cpu()
-            self.probe_test = float((pred == te_y[keep]).float().mean())
+            self.probe_test = int((pred == te_y[keep]).sum()) / max(1, int(keep.sum()))
         # Similarity blocks sized to the reference set (an ImageNet-sized one never
         # materialises a 1024 x 1.28M block).
         accs = knn_accuracies(tr_f, tr_y, te_f, te_y, (t.knn_k,), t.knn_temperature)
