@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from sslcli.backbones import Backbone, feature_dim
+from sslcli.backbones import Backbone, feature_dim, is_vit_name
 from sslcli.data.views import ViewSpec
 from sslcli.engine.schedules import cosine_increase
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
@@ -245,6 +245,31 @@ class DINO(Method):
         },
         backbone={"drop_path_rate": 0.1},
     )
+    # The README's ResNet-50 command: SGD (momentum 0.9) lr 0.03 x B/256, constant weight
+    # decay 1e-4; warm-up, min_lr 1e-6 and clipping as for ViTs; no stochastic depth (the
+    # official code passes drop_path_rate to its ViTs only).
+    convnet_recipe = Recipe(
+        optim={
+            "name": "sgd",
+            "lr": 0.03,
+            "lr_scaling": "linear",
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "exclude_norm_bias": True,
+            "grad_clip": 3.0,
+            "grad_clip_mode": "per_tensor",
+        },
+        schedule={
+            "kind": "cosine",
+            "warmup_epochs": 10,
+            "final_lr_fraction": 1e-6 / 0.03,
+            "weight_decay_end": 1e-4,
+        },
+    )
+
+    @classmethod
+    def recipe_for(cls, backbone: str) -> Recipe:
+        return cls.recipe if is_vit_name(backbone) else cls.convnet_recipe
 
     center: Tensor
 

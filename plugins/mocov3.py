@@ -20,7 +20,7 @@ from pydantic import Field
 from sslcli_plugins.byol import asymmetric_views
 from torch import Tensor, nn
 
-from sslcli.backbones import Backbone, feature_dim
+from sslcli.backbones import Backbone, feature_dim, is_vit_name
 from sslcli.data.views import ViewSpec
 from sslcli.engine.schedules import cosine_increase
 from sslcli.errors import ConfigError
@@ -158,14 +158,15 @@ class MoCoV3(Method):
     initialisation, a fixed sin-cos position embedding and a frozen patch projection;
     BYOL's asymmetric augmentation (bilinear crops).
 
-    Per-backbone defaults: the run-level ``recipe`` below is the ViT one (the headline
-    ``ssl train moco-v3 --backbone vit-s``): AdamW lr 1.5e-4 × B/256, weight decay 0.1 on
-    every parameter, 40 warm-up epochs then cosine; for ResNet-50 use
-    ``examples/recipes/moco-v3-resnet50-imagenet.toml`` (LARS lr 0.6 × B/256, wd 1e-6,
-    10 warm-up epochs). The options that differ per backbone inside the method
-    (temperature 0.2/1.0, projector depth 3/2, crop minimum 0.08/0.2) default to null and
-    are resolved from ``backbone.sslcli_spec.is_vit``. The official ViT-S has 12 attention
-    heads (timm's ``vit_small`` has 6): the ViT-S recipe sets ``backbone.kwargs``.
+    Per-backbone defaults: for ViTs (the headline ``ssl train moco-v3 --backbone vit-s``)
+    ``recipe`` is the official ViT one: AdamW lr 1.5e-4 × B/256, weight decay 0.1 on every
+    parameter, 40 warm-up epochs then cosine; for ResNets :meth:`recipe_for` gives the
+    official ResNet-50 one (LARS lr 0.6 × B/256 with 1-D parameters excluded, wd 1e-6, 10
+    warm-up epochs; ``examples/recipes/moco-v3-resnet50-imagenet.toml``). The options
+    that differ per backbone inside the method (temperature 0.2/1.0, projector depth 3/2,
+    crop minimum 0.08/0.2) default to null and are resolved from
+    ``backbone.sslcli_spec.is_vit``. The official ViT-S has 12 attention heads (timm's
+    ``vit_small`` has 6): the ViT-S recipe sets ``backbone.kwargs``.
     """
 
     name = "moco-v3"
@@ -182,6 +183,23 @@ class MoCoV3(Method):
         },
         schedule={"kind": "cosine", "warmup_epochs": 40},
     )
+    resnet_recipe = Recipe(
+        optim={
+            "name": "lars",
+            "lr": 0.6,
+            "lr_scaling": "linear",
+            "momentum": 0.9,
+            "weight_decay": 1e-6,
+            # The official LARS skips weight decay and adaptation for 1-D parameters.
+            "exclude_norm_bias": True,
+            "lars_eta": 0.001,
+        },
+        schedule={"kind": "cosine", "warmup_epochs": 10},
+    )
+
+    @classmethod
+    def recipe_for(cls, backbone: str) -> Recipe:
+        return cls.recipe if is_vit_name(backbone) else cls.resnet_recipe
 
     def __init__(self, config: MoCoV3Config, backbone: Backbone, dataset_size: int = 0) -> None:
         super().__init__(config, backbone, dataset_size)

@@ -32,6 +32,7 @@ ALIASES: dict[str, str] = {
 }
 
 SMALL_IMAGE_MAX = 64
+VIT_PREFIXES = ("vit_", "deit", "test_vit")
 """Images up to this side get the small-image stem (convnets) or a small patch size (ViTs)."""
 
 Backbone = nn.Module
@@ -52,7 +53,7 @@ class BackboneSpec:
 
     @property
     def is_vit(self) -> bool:
-        return self.timm_name.startswith(("vit_", "deit", "test_vit"))
+        return self.timm_name.startswith(VIT_PREFIXES)
 
     def build(self, **overrides: Any) -> nn.Module:
         """A fresh, randomly initialised encoder (``overrides`` e.g. in_chans=1 for CMC)."""
@@ -79,6 +80,15 @@ def resolve_name(name: str) -> str:
     )
 
 
+def is_vit_name(name: str) -> bool:
+    """Whether ``name`` (alias or timm name) is a Vision Transformer; False if unknown."""
+    try:
+        timm_name = resolve_name(name)
+    except BackboneError:
+        return False
+    return timm_name.startswith(VIT_PREFIXES)
+
+
 def make_spec(
     name: str,
     image_size: int,
@@ -89,7 +99,7 @@ def make_spec(
     timm_name = resolve_name(name)
     extra: dict[str, Any] = dict(kwargs or {})
     small = image_size <= SMALL_IMAGE_MAX if small_stem is None else small_stem
-    is_vit = timm_name.startswith(("vit_", "deit", "test_vit"))
+    is_vit = timm_name.startswith(VIT_PREFIXES)
     if is_vit:
         extra.setdefault("img_size", image_size)
         if small:

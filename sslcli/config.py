@@ -263,10 +263,11 @@ def resolve(
     Returns the run config and the method's validated ``Config`` instance. All problems are
     collected into one :class:`ConfigError` with a line per field.
     """
-    recipe = method_cls.recipe.model_dump()
+    layers = [_normalise_layer(layer) for layer in layers]
+    recipe = method_cls.recipe_for(_backbone_name(method_cls, layers)).model_dump()
     merged: dict[str, Any] = {k: v for k, v in recipe.items() if v}
     for layer in layers:
-        merged = deep_merge(merged, _normalise_layer(layer))
+        merged = deep_merge(merged, layer)
     method_opts = merged.pop("method", {}) or {}
     method_opts.pop("name", None)
     errors: list[str] = []
@@ -288,6 +289,17 @@ def resolve(
         raise ConfigError(errors)
     run.method_options = mcfg.model_dump(mode="json")
     return run, mcfg
+
+
+def _backbone_name(method_cls: Any, layers: list[dict[str, Any]]) -> str:
+    """The backbone the run will use, known before the recipe is chosen: the last layer
+    that names one, else the method's base recipe, else the default."""
+    for layer in reversed(layers):
+        b = layer.get("backbone")
+        if isinstance(b, dict) and isinstance(b.get("name"), str):
+            return b["name"]
+    name = method_cls.recipe.backbone.get("name")
+    return name if isinstance(name, str) else BackboneConfig.model_fields["name"].default
 
 
 def _normalise_layer(layer: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,15 @@ class Method(nn.Module, metaclass=ABCMeta):
         self.dataset_size = dataset_size
 
     @classmethod
+    def recipe_for(cls, backbone: str) -> Recipe:
+        """The run-level defaults for ``backbone`` (an alias or timm name, possibly unknown).
+
+        ``recipe`` by default. Override where the official recipe depends on the
+        architecture (MoCo v3 and DINO: AdamW for ViTs, LARS / SGD for ResNets).
+        """
+        return cls.recipe
+
+    @classmethod
     def summary(cls) -> str:
         """First line of the class docstring."""
         doc = (cls.__doc__ or "").strip().splitlines()

@@ -173,11 +173,14 @@ def test_head_survives_state_dict_safetensors_and_deepcopy(tmp_path: Path) -> No
 # -- the method --------------------------------------------------------------------------------
 
 
-def _dino(size: int = 16, backbone: str = "test_resnet", **opts: Any) -> DINO:
+def _dino(
+    size: int = 16, backbone: str = "test_resnet", drop_path: float | None = None, **opts: Any
+) -> DINO:
     small = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "local_crops_number": 2}
     sets = [f"method.{k}={v}" for k, v in {**small, **opts}.items()]
-    cls, run, cfg = api.resolve_config("dino", sets=sets)
-    spec = make_spec(backbone, size, drop_path_rate=run.backbone.drop_path_rate)
+    cls, run, cfg = api.resolve_config("dino", sets=[f"backbone.name={backbone}", *sets])
+    dp = run.backbone.drop_path_rate if drop_path is None else drop_path
+    spec = make_spec(backbone, size, drop_path_rate=dp)
     return cls(cfg, spec.build())
 
 
@@ -192,7 +195,7 @@ def _info(step: int, spe: int = 4, total: int = 100) -> StepInfo:
 
 
 def test_recipe_is_the_official_one() -> None:
-    _, run, cfg = api.resolve_config("dino")
+    _, run, cfg = api.resolve_config("dino", overrides={"backbone": {"name": "vit-s"}})
     o, s = run.optim, run.schedule
     assert (o.name, o.lr, o.lr_scaling, o.weight_decay) == ("adamw", 5e-4, "linear", 0.04)
     assert (o.grad_clip, o.grad_clip_mode) == (3.0, "per_tensor")
@@ -205,6 +208,18 @@ def test_recipe_is_the_official_one() -> None:
         0.996,
         1,
     )
+    # ConvNets (the default resnet18 too) get the README's ResNet-50 command: SGD lr 0.03,
+    # constant weight decay 1e-4, no stochastic depth.
+    for backbone in ("resnet18", "resnet50", "test_resnet"):
+        _, run, _ = api.resolve_config("dino", overrides={"backbone": {"name": backbone}})
+        o, s = run.optim, run.schedule
+        assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.03, 0.9, 1e-4)
+        assert (o.grad_clip, o.grad_clip_mode) == (3.0, "per_tensor")
+        assert s.weight_decay_end == 1e-4 and s.final_lr_fraction * 0.03 == pytest.approx(1e-6)
+        assert run.backbone.drop_path_rate == 0.0
+    # A flag, a file or --set that names the backbone decides, whatever came before.
+    _, run, _ = api.resolve_config("dino", sets=["backbone.name=test_vit"])
+    assert run.optim.name == "adamw"
 
 
 def test_views_per_family() -> None:
@@ -222,7 +237,7 @@ def test_views_per_family() -> None:
 
 
 def test_teacher_is_a_frozen_copy_without_drop_path() -> None:
-    m = _dino()
+    m = _dino(drop_path=0.1)
     student_dp = [x.drop_prob for x in m.backbone.modules() if isinstance(x, DropPath)]
     teacher_dp = [x.drop_prob for x in m.teacher_backbone.modules() if isinstance(x, DropPath)]
     assert student_dp and max(student_dp) > 0 and teacher_dp == [0.0] * len(student_dp)

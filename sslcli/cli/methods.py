@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
@@ -42,7 +44,16 @@ def _show(cls: type) -> None:
             key, repr(field.get_default(call_default_factory=True)), field.description or ""
         )
     out.print(table)
-    recipe = cls.recipe.model_dump()
-    lines = [f"{sec}.{k} = {v!r}" for sec, vals in recipe.items() for k, v in vals.items()]
-    if lines:
-        out.print("official recipe defaults: " + ", ".join(lines))
+    # Recipes may depend on the architecture (MoCo v3, DINO): show each distinct one.
+    shown: list[dict[str, Any]] = []
+    for family, example in (("convnets", "resnet50"), ("ViTs", "vit-s")):
+        recipe = cls.recipe_for(example).model_dump()
+        if recipe in shown:
+            continue
+        shown.append(recipe)
+        lines = [f"{sec}.{k} = {v!r}" for sec, vals in recipe.items() for k, v in vals.items()]
+        if lines:
+            label = "official recipe defaults"
+            if cls.recipe_for("resnet50") != cls.recipe_for("vit-s"):
+                label += f" ({family})"
+            out.print(label + ": " + ", ".join(lines), highlight=False)
