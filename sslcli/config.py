@@ -102,7 +102,9 @@ class ScheduleConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(
+        4, ge=1, description="Default sized for a quick CPU run on digits (about two minutes)."
+    )
     batch_size: int = Field(
         128,
         ge=2,
