@@ -45,17 +45,6 @@ N_STAT = 4000  # draws per distribution check
 KS_CRIT = 2.23 * math.sqrt(2 / N_STAT)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Run this module's small tensors on one thread: intra-op parallelism buys nothing at
-    these sizes, and on an oversubscribed CI box every OpenMP barrier can wait a whole
-    scheduler slice for a descheduled thread (10× slower tests were observed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(b: int = 12, h: int = 40, w: int = 52, seed: int = 0) -> Tensor:
     """Float images in [0, 1] with smooth structure plus noise (resampling is exercised by
     both), and a few exactly grey / saturated pixels for the hue edge cases."""

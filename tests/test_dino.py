@@ -30,17 +30,6 @@ from sslcli.data.views import expand
 from sslcli.method import Batch, StepInfo
 from sslcli.nn.dino_head import DINOHead, WeightNormLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """These tensors are tiny: one intra-op thread is faster than two fighting over a busy
-    CPU (OpenMP threads spin while waiting). Restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- references written from the paper's formulas -------------------------------------------
 
 

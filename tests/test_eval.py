@@ -28,16 +28,6 @@ from sslcli.eval.splits import holdout_split, label_subset
 DIGITS_TRAIN = 1438
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """The classifiers here are tiny: on a shared 2-core machine, intra-op threads spin
-    against each other and cost 10-40x; one thread is also how the numbers are compared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # Fixture runs, written directly (no training): config.json, metrics.jsonl, a checkpoint
 # ---------------------------------------------------------------------------------------------

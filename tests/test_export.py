@@ -23,17 +23,6 @@ from sslcli.exporter import load_timm
 from sslcli.load import load_target
 from tests.test_eval import cli, make_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    # Identical thread counts here and in the subprocess keep CPU reductions in the same
-    # order, so features can be compared with torch.equal.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PLAIN_TIMM = textwrap.dedent(
     """
     import json

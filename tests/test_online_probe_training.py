@@ -8,7 +8,6 @@ and survives save -> resume exactly like the rest of the run.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from sslcli import api
 from sslcli.cli.app import main
 from sslcli.engine import checkpoint as ckpt
 from tests.test_train_formats import write_flat_folder, write_idx, write_stl10
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

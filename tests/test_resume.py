@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,6 @@ from sslcli.engine import checkpoint as ckpt
 from sslcli.engine.trainer import Trainer
 from sslcli.errors import ConfigError
 from tests.test_train_formats import write_idx, write_image_tree
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run many tiny steps on shared 2-core machines: intra-op threads only
-    # contend there (a step was 25x slower with 2 threads under load than with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # 40 training images / batch 8 = 5 steps per epoch; 2 epochs = a 10-step schedule.
 STEPS_PER_EPOCH, EPOCHS = 5, 2

@@ -29,17 +29,6 @@ from sslcli.method import Batch, StepInfo
 from sslcli.nn.dino_head import local_crop_size, multicrop_forward
 from sslcli.nn.sinkhorn import sinkhorn_knopp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """These tensors are tiny: one intra-op thread is faster than two fighting over a busy
-    CPU (OpenMP threads spin while waiting). Restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- references written from the paper's formulas -------------------------------------------
 
 

@@ -11,7 +11,6 @@ import gzip
 import json
 import pickle
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,6 @@ from sslcli.cli.app import main
 from sslcli.data.datasets import UnreadableImageWarning, open_dataset
 from sslcli.engine import trainer as trainer_mod
 from sslcli.engine.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run many tiny steps on shared 2-core machines: intra-op threads only
-    # contend there (a step was 25x slower with 2 threads under load than with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------------------------
 # Writers of miniature datasets (also used by test_resume.py and test_signals.py)
