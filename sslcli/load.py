@@ -275,14 +275,24 @@ def rebuild_method(
     )
     method = method_cls(mcfg, spec.build(), dataset_size=int(meta.get("dataset_size") or 0))
     state = strip_prefixes(state)
-    try:
-        method.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
+    own = method.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        # A few names of each kind: a whole list of keys is not a one-line error.
+        parts = [
+            f"{len(keys)} {what} keys (e.g. {', '.join(keys[:2])})"
+            for what, keys in (
+                ("missing", missing), ("unexpected", unexpected), ("reshaped", shapes)
+            )
+            if keys
+        ]  # fmt: skip
         raise TargetError(
-            f"{source}: weights do not fit method {name!r} as installed now: {detail}"
-        ) from e
+            f"{source}: weights do not fit method {name!r} as installed now: "
+            f"{'; '.join(parts)} — was it trained with another sslcli version?"
+        )
+    method.load_state_dict(state, strict=True)
     return method
 
 

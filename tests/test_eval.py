@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -559,3 +560,26 @@ def test_simclr_v2_finetunes_from_a_head_layer(
     assert "--head-layer needs a run or checkpoint of a method" in err
     with pytest.raises(linear_mod.EvalError, match="fine-tuning only"):
         api.evaluate("linear", v2, head_layer=1, record=False)
+
+
+def test_weights_of_another_layout_are_a_short_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A checkpoint whose head was saved under other names (an older layout) and with one
+    # tensor of another shape: counts and two examples per kind, not the whole key list.
+    run = make_run(tmp_path / "old")
+    path = run / "checkpoints" / "last.safetensors"
+    groups, meta = ckpt.load(path)
+    model = {k.replace("projector.0.", "projector.9."): v for k, v in groups["model"].items()}
+    model["backbone.fc_norm.weight"] = torch.zeros(3)  # not in the model
+    key = next(k for k in model if k.startswith("backbone.") and k.endswith("conv1.weight"))
+    model[key] = torch.zeros(1)
+    for old in (run / "checkpoints").iterdir():
+        old.unlink()
+    ckpt.save(run / "checkpoints", 2, {"model": model}, meta, keep=2)
+    code, _, err = cli(["eval", "knn", str(run)], capsys)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and "weights do not fit method 'simclr'" in line
+    assert re.search(r"\d+ missing keys \(e\.g\. projector\.0\.", line)
+    assert re.search(r"\d+ unexpected keys \(e\.g\. ", line) and "1 reshaped keys" in line
+    assert len(line) < 400
