@@ -364,6 +364,7 @@ def train_methods(
     """Train ``methods`` with one shared data/budget/seed; kNN (by the trainer) and, with
     ``linear``, a linear probe for each. Returns (run dirs, failures)."""
     from sslcli import api
+    from sslcli.engine.trainer import Interrupted
     from sslcli.eval.api import evaluate
 
     root = Path(out) if out else RUNS_DIR / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -384,6 +385,10 @@ def train_methods(
         say(f"compare: training {name} -> {root / name}")
         try:
             result = api.train(name, overrides=overrides, sets=list(sets), console=console)
+        except Interrupted:
+            # Ctrl-C / SIGTERM stops the whole comparison, not just this method's run.
+            say(f"compare: stopped during {name}; the methods after it were not trained")
+            raise
         except SSLError as e:
             failures[name] = str(e)
             say(f"compare: {name} failed: {e}")

@@ -115,6 +115,35 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data: Path, tmp_path:
     assert _step_logs(whole.run_dir) == _step_logs(out)
 
 
+def test_sigterm_stops_a_whole_comparison(data: Path, tmp_path: Path) -> None:
+    """`ssl compare --methods a,b` interrupted during a: exit 143, b is never trained."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sslcli", "compare", "--methods", "simclr,byol", "--data",
+         str(data), "--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8",
+         "--epochs", "40", "--out", str(tmp_path), "--no-linear",
+         "--set", "trainer.log_every=1", "--set", "data.num_workers=0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, err
+    assert "compare: stopped during simclr" in err and "training byol" not in err
+    assert not (tmp_path / "byol").exists()
+    assert ckpt.read_meta(tmp_path / "simclr")["step"] >= 1  # the interrupted run is kept
+
+
 def test_sigint_finishes_the_step_and_exits_130(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
