@@ -117,6 +117,19 @@ def test_recipe_warmup_is_capped_but_a_chosen_one_is_not(idx_data: Path, tmp_pat
     assert warmup(warmup_epochs=0) == 0
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_per_backbone_recipe_warmup_is_capped(
+    backbone: str, idx_data: Path, tmp_path: Path
+) -> None:
+    # MoCo v3's ResNet recipe warms up for 10 epochs, its ViT recipe for 40: each is the
+    # recipe's own value for its backbone, so each is capped on a short run.
+    o = _overrides(idx_data, tmp_path / backbone, None)
+    o["backbone"] = {"name": backbone}
+    method_cls, run, mcfg = api.resolve_config("moco-v3", overrides=o)
+    assert run.schedule.warmup_epochs == (10 if backbone == "test_resnet" else 40)
+    assert Trainer(run, method_cls, mcfg).warmup_steps == 1
+
+
 def _cli(args: list[str]) -> list[str]:
     return ["train", *args]
 

@@ -433,7 +433,8 @@ class Trainer:
         would otherwise swallow a short run whole and the lr would never decay.
         """
         s = self.run.schedule
-        recipe = self.method_cls.recipe.schedule.get("warmup_epochs")
+        recipe_of_run = self.method_cls.recipe_for(self.run.backbone.name)
+        recipe = recipe_of_run.schedule.get("warmup_epochs")
         if s.warmup_epochs is not None and s.warmup_epochs != recipe:
             return int(round(s.warmup_epochs * self.steps_per_epoch))
         return int(min((recipe or 0) * self.steps_per_epoch, 0.1 * self.total_steps))
