@@ -36,7 +36,13 @@ from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.colorspace import luma_chroma_views
 from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import NCELoss, noise_count_warning, sample_noise_indices, sampled_softmax_loss
+from sslcli.nn.nce import (
+    NCELoss,
+    default_noise_count,
+    noise_count_warning,
+    sample_noise_indices,
+    sampled_softmax_loss,
+)
 
 
 class CMCConfig(MethodConfig):
@@ -44,12 +50,13 @@ class CMCConfig(MethodConfig):
         0.07, gt=0, description="τ of exp(v·f/τ): 0.07 ImageNet, 0.1 STL-10 (README)."
     )
     proj_dim: int = Field(128, ge=1, description="Width of each view's embedding (128).")
-    nce_k: int = Field(
-        4096,
+    nce_k: int | None = Field(
+        None,
         ge=1,
         description=(
             "Noise rows per image, shared by both directions: 4096 (README; the last code "
-            "defaults to 16384). Drawn with replacement, so it may exceed the data set size."
+            "defaults to 16384), or N/8 on data sets under 32,768 images (default). Drawn "
+            "with replacement, so it may exceed the data set size."
         ),
     )
     loss: Literal["nce", "softmax"] = Field(
@@ -111,8 +118,9 @@ class CMC(Method):
         c = config
         if dataset_size < 1:
             raise ConfigError(["cmc needs the data set size (one bank row per image)"])
-        if c.nce_k >= dataset_size:
-            warnings.warn(noise_count_warning("cmc", c.nce_k, dataset_size), stacklevel=2)
+        self.nce_k = default_noise_count(dataset_size) if c.nce_k is None else c.nce_k
+        if self.nce_k >= dataset_size:
+            warnings.warn(noise_count_warning("cmc", self.nce_k, dataset_size), stacklevel=2)
         spec = backbone.sslcli_spec
         # One encoder per view, built from the configured backbone with 1 and 2 input
         # channels. in_chans is written into each encoder's spec, so an exporter that
@@ -157,7 +165,7 @@ class CMC(Method):
         f_l = F.normalize(self.head_l(self.backbone(x_l)).float(), dim=1)
         f_ab = F.normalize(self.head_ab(self.backbone_ab(x_ab)).float(), dim=1)
         # The same K noise indices for both directions (the official draws one idx).
-        idx = sample_noise_indices(batch.index, c.nce_k, self.dataset_size)
+        idx = sample_noise_indices(batch.index, self.nce_k, self.dataset_size)
         rows_l, rows_ab = self.memory_l.rows(idx), self.memory_ab.rows(idx)
         logs: dict[str, Tensor | float] = {}
         if c.loss == "nce":

@@ -27,7 +27,13 @@ from sslcli.data.views import ViewSpec
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import NCELoss, bank_softmax_loss, noise_count_warning, sample_noise_indices
+from sslcli.nn.nce import (
+    NCELoss,
+    bank_softmax_loss,
+    default_noise_count,
+    noise_count_warning,
+    sample_noise_indices,
+)
 
 
 class InstDiscConfig(MethodConfig):
@@ -35,12 +41,13 @@ class InstDiscConfig(MethodConfig):
         0.07, gt=0, description="τ of exp(v·f/τ): 0.07 ImageNet, 0.1 in the CIFAR script."
     )
     proj_dim: int = Field(128, ge=1, description="Width of the embedding and of the bank rows.")
-    nce_k: int = Field(
-        4096,
+    nce_k: int | None = Field(
+        None,
         ge=0,
         description=(
-            "Noise samples per image for NCE (4096); 0 = the full softmax over the bank "
-            "(exact but O(N) per image: fine up to CIFAR size)."
+            "Noise samples per image for NCE: 4096 (official), or N/8 on data sets under "
+            "32,768 images (default); 0 = the full softmax over the bank (exact but O(N) "
+            "per image: fine up to CIFAR size)."
         ),
     )
     bank_momentum: float = Field(
@@ -93,8 +100,10 @@ class InstDisc(Method):
         self.config: InstDiscConfig = config
         if dataset_size < 1:
             raise ConfigError(["instdisc needs the data set size (one bank row per image)"])
-        if config.nce_k >= dataset_size:
-            hint = noise_count_warning("instdisc", config.nce_k, dataset_size)
+        k = config.nce_k
+        self.nce_k = default_noise_count(dataset_size) if k is None else k
+        if self.nce_k >= dataset_size:
+            hint = noise_count_warning("instdisc", self.nce_k, dataset_size)
             warnings.warn(f"{hint}, or nce_k=0 for the exact softmax", stacklevel=2)
         # The official ResNet's fc replaced by a 128-d Linear (with bias), then L2 norm.
         self.head = nn.Linear(feature_dim(backbone), config.proj_dim)
@@ -132,8 +141,8 @@ class InstDisc(Method):
         (x,) = batch.views
         f = self.features(x)
         logs: dict[str, Tensor | float] = {}
-        if c.nce_k > 0:
-            idx = sample_noise_indices(batch.index, c.nce_k, self.dataset_size)
+        if self.nce_k > 0:
+            idx = sample_noise_indices(batch.index, self.nce_k, self.dataset_size)
             loss, probs = self.nce(f, self.memory.rows(idx))
             logs["pos_prob"] = probs[:, 0].detach().mean()
             logs["z"] = self.nce.normalizer.z.detach().clone()

@@ -302,3 +302,15 @@ def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
     print(f"instdisc kNN trained {result.knn_trained} random {result.knn_random}")
     assert result.knn_trained is not None and result.knn_random is not None
     assert result.knn_trained > result.knn_random
+
+
+def test_default_noise_count_follows_the_data_set_size() -> None:
+    from sslcli.nn.nce import default_noise_count
+
+    # The official K = 4096 from CIFAR-10 size up; N/8 below 32,768 images, so an image's
+    # own row stays rare among its noise (digits: 1,438 images -> K = 179).
+    assert default_noise_count(1_281_167) == default_noise_count(50_000) == 4096
+    assert default_noise_count(32_768) == 4096 and default_noise_count(32_767) == 4095
+    assert default_noise_count(1438) == 179 and default_noise_count(3) == 1
+    assert _method().nce_k == 5  # dataset_size 40
+    assert _method(nce_k=0).nce_k == 0 and _method(nce_k=7).nce_k == 7
