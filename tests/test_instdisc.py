@@ -312,5 +312,10 @@ def test_default_noise_count_follows_the_data_set_size() -> None:
     assert default_noise_count(1_281_167) == default_noise_count(50_000) == 4096
     assert default_noise_count(32_768) == 4096 and default_noise_count(32_767) == 4095
     assert default_noise_count(1438) == 179 and default_noise_count(3) == 1
-    assert _method().nce_k == 5  # dataset_size 40
+    # InstDisc itself uses the exact softmax below that size (NCE approximates it for
+    # large N only), and the official K above it.
+    assert _method().nce_k == 0  # dataset_size 40
     assert _method(nce_k=0).nce_k == 0 and _method(nce_k=7).nce_k == 7
+    torch.manual_seed(0)
+    big = InstDisc(InstDiscConfig(), make_spec("test_resnet", 16).build(), dataset_size=50_000)
+    assert big.nce_k == 4096

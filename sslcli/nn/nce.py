@@ -30,6 +30,8 @@ def sample_noise_indices(index: Tensor, k: int, dataset_size: int) -> Tensor:
 
 
 OFFICIAL_NCE_K = 4096
+SMALL_DATA_SET = 8 * OFFICIAL_NCE_K
+"""Below this many images the official K = 4096 is more than N/8."""
 
 
 def default_noise_count(n: int) -> int:
