@@ -284,21 +284,10 @@ def test_more_noise_samples_than_images_runs_with_a_warning() -> None:
 
 @pytest.mark.slow
 def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
-    # `ssl train instdisc` defaults (ImageNet recipe: NCE with frozen Z, τ 0.07, lr 0.03 x
-    # B/256) at the digits scale (16-px images, batch 128, small-stem ResNet-18), except K:
-    # digits has 1,438 images, and with K 4096 each anchor's own row is drawn K/N ~ 3
-    # times among its noise, which cancels most of the pull towards it (measured: the
-    # embedding collapsed). K 256 keeps the official K/N regime (4096 of 1.28M, or of
-    # CIFAR's 50,000) far closer.
-    result = api.train(
-        "instdisc",
-        overrides={
-            "backbone": {"name": "resnet18"},
-            "data": {"image_size": 16},
-            "trainer": {"epochs": 10, "batch_size": 128, "out": str(tmp_path), "log_every": 11},
-            "method": {"nce_k": 256},
-        },
-    )
+    # Bare `ssl train instdisc`: digits, 16 px, batch 128, small-stem ResNet-18, 4 epochs,
+    # the exact softmax over the bank (the default below 32,768 images). Measured: 75.8 %
+    # kNN against 57.1 % at random init; NCE (K 179 or 4096, frozen Z) collapsed instead.
+    result = api.train("instdisc", overrides={"trainer": {"out": str(tmp_path)}})
     print(f"instdisc kNN trained {result.knn_trained} random {result.knn_random}")
     assert result.knn_trained is not None and result.knn_random is not None
     assert result.knn_trained > result.knn_random
