@@ -68,16 +68,11 @@ def _same_checkpoints(a_dir: Path, b_dir: Path) -> None:
         assert not diff, f"{group} differs in {diff[:5]}"
 
 
-# --------------------------------------------------------------------------------------------
-# Signals
-# --------------------------------------------------------------------------------------------
-
-
-def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _sigterm_after_first_step(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``ssl ARGS`` in a fresh process, SIGTERM it once its first step is logged;
+    return its exit code and all of its stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sslcli", *_cli_args(data, out)],
+        [sys.executable, "-m", "sslcli", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
@@ -92,8 +87,19 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data: Path, tmp_path:
             proc.send_signal(signal.SIGTERM)
             break
     _, rest = proc.communicate(timeout=120)
-    err = "".join(seen) + rest
-    assert proc.returncode == 143, err
+    return proc.returncode, "".join(seen) + rest
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    code, err = _sigterm_after_first_step(_cli_args(data, out), env)
+    assert code == 143, err
     last = err.strip().splitlines()[-1]
     meta = ckpt.read_meta(out)
     k = meta["step"]
@@ -118,27 +124,12 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data: Path, tmp_path:
 def test_sigterm_stops_a_whole_comparison(data: Path, tmp_path: Path) -> None:
     """`ssl compare --methods a,b` interrupted during a: exit 143, b is never trained."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sslcli", "compare", "--methods", "simclr,byol", "--data",
-         str(data), "--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8",
-         "--epochs", "40", "--out", str(tmp_path), "--no-linear",
-         "--set", "trainer.log_every=1", "--set", "data.num_workers=0"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith("step 1/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(seen) + rest
-    assert proc.returncode == 143, err
+    args = ["compare", "--methods", "simclr,byol", "--data", str(data), "--backbone",
+            "test_resnet", "--image-size", "16", "--batch-size", "8", "--epochs", "40",
+            "--out", str(tmp_path), "--no-linear", "--set", "trainer.log_every=1",
+            "--set", "data.num_workers=0"]  # fmt: skip
+    code, err = _sigterm_after_first_step(args, env)
+    assert code == 143, err
     assert "compare: stopped during simclr" in err and "training byol" not in err
     assert not (tmp_path / "byol").exists()
     assert ckpt.read_meta(tmp_path / "simclr")["step"] >= 1  # the interrupted run is kept
