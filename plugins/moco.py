@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, moco_v2_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
 from sslcli.nn.ema import ema_update_, momentum_copy
@@ -289,19 +289,4 @@ class MoCoV2(_MoCo):
 
     def views(self) -> list[ViewSpec]:
         c = self.config
-        return [
-            ViewSpec(
-                count=2,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                jitter_p=0.8,
-                brightness=0.4,
-                contrast=0.4,
-                saturation=0.4,
-                hue=0.1,
-                grayscale_p=0.2,
-                blur_p=c.blur_p,
-                blur_sigma=(0.1, 2.0),
-                normalize=True,
-            )
-        ]
+        return moco_v2_views(self.backbone.sslcli_spec.image_size, c.crop_min_scale, c.blur_p)

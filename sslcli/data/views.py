@@ -63,3 +63,25 @@ class ViewSpec(BaseModel):
 def expand(specs: list[ViewSpec]) -> list[ViewSpec]:
     """One entry per produced view (``count`` repeats), in the order methods receive them."""
     return [s for s in specs for _ in range(s.count)]
+
+
+def moco_v2_views(size: int, crop_min_scale: float, blur_p: float) -> list[ViewSpec]:
+    """MoCo v2's augmentation (also SimSiam's, which reuses it unchanged): two views of
+    RandomResizedCrop(crop_min_scale–1) → ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8 →
+    Grayscale p 0.2 → GaussianBlur(σ 0.1–2) with ``blur_p`` → flip, then normalise."""
+    return [
+        ViewSpec(
+            count=2,
+            size=size,
+            scale=(crop_min_scale, 1.0),
+            jitter_p=0.8,
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.4,
+            hue=0.1,
+            grayscale_p=0.2,
+            blur_p=blur_p,
+            blur_sigma=(0.1, 2.0),
+            normalize=True,
+        )
+    ]
