@@ -30,7 +30,12 @@ There is no official code; this follows the papers. What comes from where:
   dropping (two of the three colour channels of each patch dropped at random; the
   dropped channels are replaced by Gaussian noise of 1/100 the kept channel's std,
   Doersch et al. 2015's recipe that v2 cites) and random flips.
-- optimiser: Adam, lr 2e-4 (v1); a constant schedule.
+- optimiser: Adam, lr 2e-4 (v1); a constant schedule. Batch: 8 images by default
+  (sslcli's choice for a quick CPU run, see ``recipe``); the ImageNet recipe file sets
+  its own.
+- speed on small images: 16-px images give 4-px patches, on which ResNet-18's last two
+  stages run on 1×1 maps; :func:`sslcli.nn.tiny_maps.centre_tap_on_tiny_maps` computes
+  those convolutions as the equivalent matrix products (~6× faster encoder on a CPU).
 
 Evaluation (:meth:`CPC.embed`): the patch encoder on the 7×7 grid of the image, mean-pooled
 over the patches (the evaluated representation is the patch encoder pooled over the
@@ -55,6 +60,7 @@ from sslcli.data.views import ViewSpec
 from sslcli.errors import BackboneError, ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
+from sslcli.nn.tiny_maps import centre_tap_on_tiny_maps
 
 Direction = Literal["top-down", "bottom-up", "left-right", "right-left"]
 # torch.rot90(grid, r, dims=(-2, -1)) turns each direction into "top-down" on the rotated
@@ -249,9 +255,16 @@ class CPC(Method):
 
     name = "cpc"
     Config = CPCConfig
+    # The batch is sslcli's choice (the papers give none that maps onto one machine),
+    # sized for a CPU: every prediction is scored against all 49·B patches of the batch,
+    # so the loss costs B², and at Adam's 2e-4 more, smaller steps learned more in the
+    # same epochs. On digits (4 epochs, ResNet-18) B = 8 reached kNN 58.2 % in 390 s,
+    # B = 16 56.3 % in 490 s and B = 32 51.0 % in 540 s, against 46.0 % at random init.
+    # Raise it on GPUs.
     recipe = Recipe(
         optim={"name": "adamw", "lr": 2e-4, "lr_scaling": "none", "weight_decay": 0.0},
         schedule={"kind": "constant", "warmup_epochs": 0},
+        trainer={"batch_size": 8},
     )
 
     def __init__(self, config: CPCConfig, backbone: Backbone, dataset_size: int = 0) -> None:
@@ -269,6 +282,9 @@ class CPC(Method):
             raise ConfigError([f"method.directions: repeated entries in {c.directions}"])
         if c.norm == "layer" and not spec.is_vit:
             self.backbone = _with_layer_norm(spec)
+        # Small images give patches of a few pixels: the deep stages then run on 1×1 maps,
+        # where a matrix product with the centre tap is the same convolution, ~6× faster.
+        centre_tap_on_tiny_maps(self.backbone)
         width = feature_dim(self.backbone)
         hidden = c.context_hidden or max(1, width // 4)
         self.context = nn.ModuleDict(

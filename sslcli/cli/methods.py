@@ -53,7 +53,7 @@ def _show(cls: type) -> None:
         shown.append(recipe)
         lines = [f"{sec}.{k} = {v!r}" for sec, vals in recipe.items() for k, v in vals.items()]
         if lines:
-            label = "official recipe defaults"
+            label = "method recipe defaults"
             if cls.recipe_for("resnet50") != cls.recipe_for("vit-s"):
                 label += f" ({family})"
             out.print(label + ": " + ", ".join(lines), highlight=False)
