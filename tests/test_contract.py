@@ -145,4 +145,6 @@ def test_export_candidates_load_in_plain_timm(name: str, tmp_path: Path) -> None
         x = torch.randn(2, kwargs["in_chans"], 16, 16)
         enc.eval()
         plain.eval()
-        assert torch.equal(enc(x), plain(x)), f"{name}/{which}: features differ"
+        # Equal up to float rounding: CPC computes its 1×1-map convolutions as matrix
+        # products (sslcli.nn.tiny_maps), the same function summed in another order.
+        torch.testing.assert_close(enc(x), plain(x), msg=f"{name}/{which}: features differ")
