@@ -106,7 +106,13 @@ class InstDisc(Method):
         # NCE stands in for the softmax "when the number of classes n is very large" (Sec.
         # 3.2); on a small set the exact softmax is cheap, and NCE with a frozen Z was
         # measured to collapse on digits (kNN 57 % at random init -> 23-37 %) where the
-        # softmax learns (-> 76 %).
+        # softmax learns (-> 76 %). Why: with Z frozen at its first-batch value (≈ N),
+        # the positive term saturates once v_i·f nears 1, while each of the K noise terms
+        # pushes f away from its row with up to 1/τ; on a small, similar-looking set the
+        # rows share one direction, so that push is the same for every image and drags all
+        # features together (loss ≈ K·(1/τ − log K), embedding std 0.003). An EMA of Z
+        # (z_momentum 0.99) grows with the scores and avoids it (std 0.028), but learns
+        # slowly: kNN 57.7 % after the default 4 epochs at K = 179.
         self.nce_k = (OFFICIAL_NCE_K if dataset_size >= SMALL_DATA_SET else 0) if k is None else k
         if self.nce_k >= dataset_size:
             hint = noise_count_warning("instdisc", self.nce_k, dataset_size)
