@@ -38,16 +38,16 @@ There is no official code; this follows the papers. What comes from where:
   those convolutions as the equivalent matrix products (~6× faster encoder on a CPU).
 
 Evaluation (:meth:`CPC.embed`): the patch encoder on the 7×7 grid of the image, mean-pooled
-over the patches (the evaluated representation is the patch encoder pooled over the
-grid). Export writes
-the plain patch encoder (the backbone); applied to a whole image it is a valid timm
-encoder but not the grid-pooled representation.
+over the patches. Export writes the patch encoder's weights (they load strictly into
+plain timm) and the grid under ``config.json["sslcli"]["patch_grid"]``;
+:func:`sslcli.load_timm` returns the encoder wrapped to cut that grid and mean-pool, so an
+exported CPC encoder gives the same features as the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -364,6 +364,12 @@ class CPC(Method):
     def embed(self, images: Tensor) -> Tensor:
         """Patch features of the image's grid, mean-pooled over the G×G patches."""
         return self.encode_grid(images).mean(dim=(2, 3))
+
+    def export_metadata(self, which: str) -> dict[str, Any]:
+        # The exported weights are the patch encoder; the grid lets sslcli.load_timm (and
+        # anyone reading config.json) rebuild the grid-pooled representation of embed().
+        g = self.config.grid_size
+        return {"patch_grid": {"grid_size": g, "patch": self.patch, "stride": self.stride}}
 
 
 def _with_layer_norm(spec: BackboneSpec) -> nn.Module:

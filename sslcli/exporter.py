@@ -162,6 +162,8 @@ def timm_config(encoder: nn.Module, target: Target, which: str) -> dict[str, Any
         "load_size": target.config.get("data", {}).get("load_size"),
         "small_stem": _stem_description(encoder) if spec.small_stem else None,
     }
+    if target.method is not None:
+        extra.update(target.method.export_metadata(which))
     return {
         "architecture": spec.timm_name,
         "num_classes": 0,
@@ -218,8 +220,27 @@ model.maxpool = nn.Identity()
 model.load_state_dict(load_file("model.safetensors"), strict=True)
 ```
 
-(`sslcli.load_timm(DIR)` does the same.) Inputs: {size}x{size} pixels, scaled to
-[0, 1], minus mean {mean}, divided by std {std}.
+(`sslcli.load_timm(DIR)` does the same.)
+"""
+
+_GRID_README = """
+## Patch grid
+
+The representation {method} evaluates is not this network applied to the whole image:
+it is the network applied to each patch of a {g}x{g} grid of {p}x{p}-pixel patches cut
+with stride {s}, and the {g}x{g} patch features averaged. `config.json["sslcli"]
+["patch_grid"]` records the grid; `sslcli.load_timm(DIR)` returns the network wrapped
+to do it (its `.encoder` is the plain network). By hand:
+
+```python
+patches = x.unfold(2, {p}, {s}).unfold(3, {p}, {s})          # [B, C, {g}, {g}, {p}, {p}]
+patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], {p}, {p})
+features = model(patches).view(x.shape[0], {g} * {g}, -1).mean(dim=1)
+```
+"""
+
+_INPUT_README = """
+Inputs: {size}x{size} pixels, scaled to [0, 1], minus mean {mean}, divided by std {std}.
 """
 
 
@@ -262,27 +283,37 @@ def export(
     (out / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     notes = []
     small = cfg["sslcli"]["small_stem"] is not None
+    grid = cfg["sslcli"].get("patch_grid")
+    readme = out / "README.md"
+    sections = []
     if small:
         stem = cfg["sslcli"]["small_stem"]
-        pc = cfg["pretrained_cfg"]
-        readme = out / "README.md"
-        readme.write_text(
+        sections.append(
             _README.format(
-                arch=cfg["architecture"],
-                method=t.method_name,
-                which=which,
-                conv=stem["conv"],
-                size=pc["input_size"][-1],
-                mean=pc["mean"],
-                std=pc["std"],
-            )  # fmt: skip
+                arch=cfg["architecture"], method=t.method_name, which=which, conv=stem["conv"]
+            )
         )
-        files.append(readme)
         notes.append(
             f"small-image stem: plain timm needs model.{stem['conv']} (3x3 stride 1) and "
             f"model.maxpool (Identity) adjusted before loading; sslcli.load_timm(DIR) "
             f"or the recipe in {readme} does it"
         )
+    if grid:
+        g, p, s = grid["grid_size"], grid["patch"], grid["stride"]
+        if not sections:
+            sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
+        sections.append(_GRID_README.format(method=t.method_name, g=g, p=p, s=s))
+        notes.append(
+            f"patch grid: {t.method_name}'s representation is this encoder on a {g}x{g} grid "
+            f"of {p}-px patches (stride {s}), mean-pooled; sslcli.load_timm(DIR) returns "
+            f"it wrapped that way, {readme} shows how by hand"
+        )
+    if sections:
+        pc = cfg["pretrained_cfg"]
+        size, mean, std = pc["input_size"][-1], pc["mean"], pc["std"]
+        sections.append(_INPUT_README.format(size=size, mean=mean, std=std))
+        readme.write_text("".join(sections))
+        files.append(readme)
     if with_heads:
         if t.method is None:
             raise TargetError("--with-heads needs a run or checkpoint (it has the heads)")
@@ -309,7 +340,10 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
     ImageNet-stem encoders it is equivalent to
     ``timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)``; for small-image
     ResNets it also replaces the stem as ``config.json["sslcli"]["small_stem"]`` describes.
-    The weights load strictly: a mismatch is an error, never a silent partial load.
+    The weights load strictly: a mismatch is an error, never a silent partial load. An
+    encoder whose method evaluates it over a patch grid (CPC:
+    ``config.json["sslcli"]["patch_grid"]``) comes back wrapped to cut that grid and
+    mean-pool the patch features (the plain network is its ``.encoder``).
     """
     import json as _json
     from pathlib import Path as _Path
@@ -331,4 +365,26 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
             model.conv1[0] = conv
         model.maxpool = _nn.Identity()
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    grid = (cfg.get("sslcli") or {}).get("patch_grid")
+    if grid:
+        g, p, s = int(grid["grid_size"]), int(grid["patch"]), int(grid["stride"])
+
+        class PatchGridPool(_nn.Module):
+            """The encoder on each patch of a g×g grid (patch p, stride s), mean-pooled."""
+
+            def __init__(self, encoder: _nn.Module) -> None:
+                super().__init__()
+                self.encoder = encoder
+
+            def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # noqa: UP037
+                side = (g + 1) * s
+                if x.shape[-2:] != (side, side):
+                    raise ValueError(f"patch-grid encoder takes {side}x{side} images, got "
+                                     f"{tuple(x.shape[-2:])}")  # fmt: skip
+                b, c = x.shape[:2]
+                patches = x.unfold(2, p, s).unfold(3, p, s).permute(0, 2, 3, 1, 4, 5)
+                feats = self.encoder(patches.reshape(b * g * g, c, p, p))
+                return feats.view(b, g * g, -1).mean(dim=1)
+
+        model = PatchGridPool(model)
     return model.eval()

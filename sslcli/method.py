@@ -162,6 +162,12 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Features used for kNN / linear evaluation (the encoder's pooled output)."""
         return self.encoder()(images)
 
+    def export_metadata(self, which: str) -> dict[str, Any]:
+        """What a loader needs besides the weights to reproduce :meth:`embed` from the
+        exported encoder ``which`` (written under ``config.json["sslcli"]``); {} when the
+        encoder applied to the whole image is the representation. CPC: its patch grid."""
+        return {}
+
     def finetune_encoder(self, layer: int | None = None) -> nn.Module | None:
         """The network ``ssl eval finetune`` starts from when it is more than the evaluated
         encoder (SimCLR v2 keeps the first ``layer`` projection-head layers), or None.

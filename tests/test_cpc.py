@@ -19,6 +19,7 @@ from sslcli_plugins.cpc import (
     patch_augment,
 )
 
+import sslcli
 from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.errors import ConfigError
@@ -190,6 +191,41 @@ def test_layer_norm_patch_encoder_exports_to_plain_timm() -> None:
     plain.load_state_dict(m.backbone.state_dict(), strict=True)
     batch = _method(norm="batch")
     assert any("BatchNorm" in type(mod).__name__ for mod in batch.backbone.modules())
+
+
+def test_export_reproduces_the_grid_pooled_representation(tmp_path: Path) -> None:
+    import json
+
+    from sslcli.load import load_target
+
+    run = tmp_path / "run"
+    api.train(
+        "cpc",
+        overrides={
+            "backbone": {"name": "test_resnet"},
+            "trainer": {"max_steps": 1, "out": str(run), "eval_knn": False},
+        },
+    )
+    result = api.export(run, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert cfg["sslcli"]["patch_grid"] == {"grid_size": 7, "patch": 4, "stride": 2}
+    assert any("patch grid" in n for n in result.notes)
+    assert "unfold(2, 4, 2)" in (tmp_path / "export" / "README.md").read_text()
+
+    trained = load_target(run)
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = trained.embedder()(images)  # CPC.embed: the run's evaluated features
+        loaded = sslcli.load_timm(tmp_path / "export")
+        torch.testing.assert_close(loaded(images), want)
+        # ssl eval on the export uses the same wrapped encoder.
+        exported = load_target(tmp_path / "export")
+        torch.testing.assert_close(exported.embedder()(images), want)
+        # The plain network inside is the patch encoder, loaded strictly.
+        patches = cut_patches(images, 4, 2).reshape(-1, 3, 4, 4)
+        torch.testing.assert_close(loaded.encoder(patches), trained.candidates["backbone"](patches))
+    with pytest.raises(ValueError, match="16x16"):
+        loaded(torch.rand(1, 3, 32, 32))
 
 
 def test_options_are_validated() -> None:
