@@ -15,15 +15,17 @@ width: pick a narrower one to match the paper's budget. The L encoder takes 1 in
 channel, the ab encoder 2 (timm's ``in_chans``).
 
 Evaluation uses the concatenation of both encoders' pooled features (the paper evaluates
-the representations of the two views concatenated): :meth:`CMC.embed`. Export offers each encoder
-alone (``l``, the default, and ``ab``), since a timm model has one input stem.
+the representations of the two views concatenated): :meth:`CMC.embed`. A timm model has one
+input stem, so ``ssl export`` writes one encoder as the timm model (``l`` by default, or
+``--which ab``) and the other beside it; :func:`sslcli.load_timm` returns the pair, which
+gives the same concatenated features as the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +207,18 @@ class CMC(Method):
         """Concatenated pooled features of both encoders, from un-normalised RGB."""
         x_l, x_ab = self.split(images)
         return torch.cat([self.backbone(x_l), self.backbone_ab(x_ab)], dim=1)
+
+    def export_metadata(self, which: str) -> dict[str, Any]:
+        # Either encoder is exported as the timm model; the other goes beside it, so the
+        # export reproduces embed() (sslcli.load_timm returns the pair).
+        other = "ab" if which == "l" else "l"
+        return {
+            "paired_views": {
+                "which": which,
+                "companion": other,
+                "color_space": self.config.color_space,
+            }
+        }
 
 
 def _build(spec: BackboneSpec, in_chans: int) -> nn.Module:

@@ -239,6 +239,19 @@ features = model(patches).view(x.shape[0], {g} * {g}, -1).mean(dim=1)
 ```
 """
 
+_PAIR_README = """
+## Two encoders
+
+{method} learns one encoder per colour view of an image ({space}: the luma channel "l"
+and the two chroma channels "ab"), and its representation is the two encoders' features
+concatenated (l first). `model.safetensors` is the "{which}" encoder (it loads in plain
+timm with the `in_chans` in `config.json`); `{file}` is the "{other}" encoder, described
+under `config.json["sslcli"]["paired_views"]["companion"]`. `sslcli.load_timm(DIR)`
+returns the pair: it takes [0, 1] RGB, converts it with
+`sslcli.nn.colorspace.luma_chroma_views(x, "{space}")` and concatenates the two features
+(its `.l`, `.ab` and `.encoder` are the plain networks).
+"""
+
 _INPUT_README = """
 Inputs: {size}x{size} pixels, scaled to [0, 1], minus mean {mean}, divided by std {std}.
 """
@@ -279,6 +292,22 @@ def export(
 
     cfg = timm_config(encoder, t, which)
     files = [out / EXPORT_WEIGHTS, out / EXPORT_CONFIG]
+    pair = cfg["sslcli"].get("paired_views")
+    if pair:
+        # The representation takes a second encoder: its weights sit beside the main ones
+        # and config.json describes how to rebuild it.
+        other = t.candidates[pair["companion"]]
+        desc = timm_config(other, t, pair["companion"])
+        pair["companion"] = {
+            "which": desc["sslcli"]["which"],
+            "file": f"{desc['sslcli']['which']}.safetensors",
+            "architecture": desc["architecture"],
+            "model_args": desc["model_args"],
+            "sslcli": {"small_stem": desc["sslcli"]["small_stem"]},
+        }
+        path = out / pair["companion"]["file"]
+        _write_safetensors(encoder_state(other), path, {"format": "pt"})
+        files.append(path)
     _write_safetensors(encoder_state(encoder), files[0], {"format": "pt"})
     (out / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     notes = []
@@ -307,6 +336,19 @@ def export(
             f"patch grid: {t.method_name}'s representation is this encoder on a {g}x{g} grid "
             f"of {p}-px patches (stride {s}), mean-pooled; sslcli.load_timm(DIR) returns "
             f"it wrapped that way, {readme} shows how by hand"
+        )
+    if pair:
+        comp = pair["companion"]
+        if not sections:
+            sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
+        sections.append(_PAIR_README.format(
+            method=t.method_name, which=which, other=comp["which"], file=comp["file"],
+            space=pair["color_space"],
+        ))  # fmt: skip
+        notes.append(
+            f"two encoders: {t.method_name}'s representation concatenates the {which} and "
+            f"{comp['which']} encoders ({comp['file']} beside model.safetensors); "
+            "sslcli.load_timm(DIR) returns the pair"
         )
     if sections:
         pc = cfg["pretrained_cfg"]
@@ -352,19 +394,52 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
     from safetensors.torch import load_file
     from torch import nn as _nn
 
+    def build(desc: dict, weights: _Path) -> _nn.Module:  # type: ignore[type-arg]
+        args = dict(desc.get("model_args") or {})
+        model = timm.create_model(desc["architecture"], pretrained=False, num_classes=0, **args)
+        stem = (desc.get("sslcli") or {}).get("small_stem")
+        if stem:
+            conv = _nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
+            if stem["conv"] == "conv1":
+                model.conv1 = conv
+            else:
+                model.conv1[0] = conv
+            model.maxpool = _nn.Identity()
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        return model
+
     d = _Path(directory)
     cfg = _json.loads((d / "config.json").read_text())
-    args = dict(cfg.get("model_args") or {})
-    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **args)
-    stem = (cfg.get("sslcli") or {}).get("small_stem")
-    if stem:
-        conv = _nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
-        if stem["conv"] == "conv1":
-            model.conv1 = conv
-        else:
-            model.conv1[0] = conv
-        model.maxpool = _nn.Identity()
-    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    model = build(cfg, d / "model.safetensors")
+    pair = (cfg.get("sslcli") or {}).get("paired_views")
+    if pair:
+        companion = build(pair["companion"], d / pair["companion"]["file"])
+        try:
+            from sslcli.nn.colorspace import luma_chroma_views
+        except ImportError as e:
+            raise ImportError(
+                f"{d}: this encoder's representation takes both colour-view encoders and "
+                "sslcli's colour conversion (pip install sslcli); model.safetensors alone "
+                "loads in plain timm"
+            ) from e
+        nets = {pair["which"]: model, pair["companion"]["which"]: companion}
+        space = pair["color_space"]
+
+        class ColourViewPair(_nn.Module):
+            """Both colour-view encoders on their channels of [0, 1] RGB, concatenated."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.l, self.ab = nets["l"], nets["ab"]
+                self.encoder = model  # the network in model.safetensors
+
+            def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # noqa: UP037
+                import torch as _torch
+
+                x_l, x_ab = luma_chroma_views(x, space)
+                return _torch.cat([self.l(x_l), self.ab(x_ab)], dim=1)
+
+        return ColourViewPair().eval()
     grid = (cfg.get("sslcli") or {}).get("patch_grid")
     if grid:
         g, p, s = int(grid["grid_size"]), int(grid["patch"]), int(grid["stride"])

@@ -317,6 +317,22 @@ def load_export(path: Path) -> Target:
     mean = tuple(pc.get("mean", IMAGENET_MEAN))
     std = tuple(pc.get("std", IMAGENET_STD))
     normalize = not (all(m == 0 for m in mean) and all(s == 1 for s in std))
+    in_chans = int((cfg.get("model_args") or {}).get("in_chans", 3))
+    if in_chans != 3 and not extra.get("paired_views"):
+        raise TargetError(
+            f"cannot evaluate exported model {path}: it takes {in_chans}-channel inputs and "
+            "sslcli evaluates RGB images (a CMC run exported now writes both colour-view "
+            "encoders, which take RGB together)"
+        )
+    if len(mean) != 3 or len(std) != 3:
+        # A single colour-view encoder (CMC's L: 1 channel) records its own statistics;
+        # sslcli feeds exports RGB, and such methods train on un-normalised pixels.
+        if normalize:
+            raise TargetError(
+                f"cannot evaluate exported model {path}: its mean/std are for "
+                f"{len(mean)} input channel(s) and sslcli evaluates RGB images"
+            )
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     run_cfg: dict[str, Any] = {}
     if extra.get("dataset"):
         run_cfg = {"data": {"dataset": extra["dataset"], "load_size": extra.get("load_size")}}

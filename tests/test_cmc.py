@@ -206,6 +206,57 @@ def test_embedding_is_the_concatenation_and_export_offers_both_encoders() -> Non
     assert sorted({c.in_channels for c in convs if c.in_channels <= 3}) == [1, 2]
 
 
+@pytest.mark.parametrize(("which", "space"), [(None, "lab"), ("ab", "ycbcr")])
+def test_export_reproduces_the_concatenated_representation(
+    tmp_path: Path, which: str | None, space: str
+) -> None:
+    import json
+
+    import timm
+
+    import sslcli
+    from sslcli.load import TargetError, load_target
+
+    run = tmp_path / "run"
+    api.train(
+        "cmc",
+        overrides={
+            "backbone": {"name": "test_resnet"},
+            "trainer": {"max_steps": 1, "batch_size": 16, "out": str(run), "eval_knn": False},
+        },
+        sets=["method.nce_k=8", f"method.color_space={space}"],
+    )
+    out = tmp_path / "export"
+    result = api.export(run, out, which=which)
+    main, other = ("l", "ab") if which is None else ("ab", "l")
+    cfg = json.loads((out / "config.json").read_text())
+    pair = cfg["sslcli"]["paired_views"]
+    assert (pair["which"], pair["companion"]["which"], pair["color_space"]) == (main, other, space)
+    assert (out / f"{other}.safetensors").is_file()
+    assert any("two encoders" in n for n in result.notes)
+
+    trained = load_target(run)
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = trained.embedder()(images)  # CMC.embed: both encoders, concatenated
+        loaded = sslcli.load_timm(out)
+        torch.testing.assert_close(loaded(images), want)
+        torch.testing.assert_close(load_target(out).embedder()(images), want)
+    # The main weights alone are a plain timm model with the view's channel count.
+    plain = timm.create_model(cfg["architecture"], num_classes=0, **cfg["model_args"])
+    assert cfg["model_args"]["in_chans"] == (1 if main == "l" else 2)
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    assert set(state) == set(plain.state_dict())
+    assert loaded.encoder is (loaded.l if main == "l" else loaded.ab)
+    # One colour-view encoder alone cannot take the RGB images sslcli evaluates: one line.
+    del cfg["sslcli"]["paired_views"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TargetError, match="-channel inputs"):
+        load_target(out)
+
+
 def test_views_are_unnormalised_crops_without_colour_jitter() -> None:
     (v,) = _method().views()
     assert v.count == 1 and not v.normalize and v.jitter_p == 0 and v.grayscale_p == 0
