@@ -26,7 +26,7 @@ def export(
     which: str = typer.Option(
         None,
         "--which",
-        help="Encoder to export (e.g. teacher | student); default: the evaluated one.",
+        help="Encoder to export (e.g. teacher | student, CMC: l | ab); default: the evaluated one.",
     ),
     with_heads: bool = typer.Option(
         False, "--with-heads", help="Also write the method's heads to heads.safetensors."
