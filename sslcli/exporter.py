@@ -385,12 +385,15 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
     The weights load strictly: a mismatch is an error, never a silent partial load. An
     encoder whose method evaluates it over a patch grid (CPC:
     ``config.json["sslcli"]["patch_grid"]``) comes back wrapped to cut that grid and
-    mean-pool the patch features (the plain network is its ``.encoder``).
+    mean-pool the patch features (the plain network is its ``.encoder``). A two-encoder
+    export (CMC: ``config.json["sslcli"]["paired_views"]``) comes back as the pair taking
+    RGB; that one case imports sslcli for the colour conversion.
     """
     import json as _json
     from pathlib import Path as _Path
 
     import timm
+    import torch as _torch
     from safetensors.torch import load_file
     from torch import nn as _nn
 
@@ -434,8 +437,6 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
                 self.encoder = model  # the network in model.safetensors
 
             def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # noqa: UP037
-                import torch as _torch
-
                 x_l, x_ab = luma_chroma_views(x, space)
                 return _torch.cat([self.l(x_l), self.ab(x_ab)], dim=1)
 
