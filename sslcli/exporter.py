@@ -327,10 +327,10 @@ def export(
             f"model.maxpool (Identity) adjusted before loading; sslcli.load_timm(DIR) "
             f"or the recipe in {readme} does it"
         )
+    if (grid or pair) and not sections:
+        sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
     if grid:
         g, p, s = grid["grid_size"], grid["patch"], grid["stride"]
-        if not sections:
-            sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
         sections.append(_GRID_README.format(method=t.method_name, g=g, p=p, s=s))
         notes.append(
             f"patch grid: {t.method_name}'s representation is this encoder on a {g}x{g} grid "
@@ -339,8 +339,6 @@ def export(
         )
     if pair:
         comp = pair["companion"]
-        if not sections:
-            sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
         sections.append(_PAIR_README.format(
             method=t.method_name, which=which, other=comp["which"], file=comp["file"],
             space=pair["color_space"],

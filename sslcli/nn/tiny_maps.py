@@ -37,13 +37,17 @@ def _single_tap(conv: nn.Conv2d) -> tuple[int, int] | None:
 
 
 class CentreTapConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` that takes the matrix-product shortcut on 1×1 inputs."""
+    """An ``nn.Conv2d`` that takes the matrix-product shortcut on 1×1 inputs.
+
+    ``tap`` is set once by :func:`centre_tap_on_tiny_maps`, not worked out every step.
+    """
+
+    tap: tuple[int, int]
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        tap = _single_tap(self)
-        if tap is None or x.shape[-2:] != (1, 1):
+        if x.shape[-2:] != (1, 1):
             return super().forward(x)
-        weight = self.weight[:, :, tap[0], tap[1]]
+        weight = self.weight[:, :, self.tap[0], self.tap[1]]
         return F.linear(x.flatten(1), weight, self.bias)[:, :, None, None]
 
 
@@ -54,6 +58,8 @@ def centre_tap_on_tiny_maps(model: nn.Module) -> nn.Module:
     module tree stay as they are.
     """
     for m in model.modules():
-        if type(m) is nn.Conv2d and _single_tap(m) is not None:
+        tap = _single_tap(m) if type(m) is nn.Conv2d else None
+        if tap is not None:
             m.__class__ = CentreTapConv2d
+            m.tap = tap  # type: ignore[assignment]
     return model
