@@ -1,9 +1,9 @@
 """sslcli: self-supervised visual representation learning from the command line.
 
 The public API: :func:`train`, :func:`evaluate`, :func:`export`, :func:`compare`,
-:func:`list_methods`, :func:`load_method`, :func:`load_timm`, and :class:`Method` /
-:class:`MethodConfig` for plugin authors. Heavy modules are imported on first use so
-``import sslcli`` stays cheap.
+:func:`embed`, :func:`report`, :func:`list_methods`, :func:`load_method`, :func:`load_timm`,
+and :class:`Method` / :class:`MethodConfig` for plugin authors. Heavy modules are imported
+on first use so ``import sslcli`` stays cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ _LAZY = {
     "evaluate": "sslcli.api",
     "export": "sslcli.api",
     "compare": "sslcli.api",
+    "embed": "sslcli.api",
+    "report": "sslcli.api",
+    "load_embeddings": "sslcli.eval.embed",
     "load_timm": "sslcli.exporter",
 }
 

@@ -125,8 +125,29 @@ def compare(run_dirs: Any = (), **kw: Any) -> Any:
     return _compare(run_dirs, **kw)
 
 
+def embed(target: str | Path | None = None, **kw: Any) -> Any:
+    """Embed every image of a dataset (default: the run's own) with ``target``'s encoder.
+
+    Returns :class:`sslcli.eval.embed.Embeddings` (arrays); with ``out=FILE`` the file is
+    written too (``.safetensors``, ``.npz`` or ``.parquet``). Example:
+    ``embed("runs/simclr-...", data="photos/", neighbors=8).neighbors``.
+    """
+    from sslcli.eval.embed import embed as _embed
+
+    return _embed(target, **kw)
+
+
+def report(run: str | Path | None = None, out: str | Path = "report.html", **kw: Any) -> Any:
+    """Write one self-contained HTML report of a run (curves, neighbours, a 2-D map)."""
+    from sslcli.report import write_report
+
+    return write_report(run, out, **kw)
+
+
 __all__ = [
     "compare",
+    "embed",
+    "report",
     "evaluate",
     "export",
     "ConfigError",

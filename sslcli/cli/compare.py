@@ -19,6 +19,9 @@ def compare(
     plot: str = typer.Option(
         None, "--plot", help="Write loss/accuracy curves and accuracy vs time to this PNG."
     ),
+    report: str = typer.Option(
+        None, "--report", help="Write the runs' curves and tables side by side to this HTML file."
+    ),
     methods: str = typer.Option(
         None,
         "--methods",
@@ -58,6 +61,7 @@ def compare(
         run_dirs or [],
         methods=names,
         plot_path=plot,
+        report_path=report,
         say=lambda m: err.print(m, markup=False, highlight=False),
         console=err,
         data=data, epochs=epochs, backbone=backbone, batch_size=batch_size,
@@ -85,6 +89,8 @@ def compare(
         out.out(cmp.render(result.summaries, fmt), highlight=False)
     if plot:
         err.print(f"plot: {plot}", markup=False)
+    if report:
+        err.print(f"report: {report}", markup=False)
     if result.failures:
         lines = "; ".join(f"{k}: {v}" for k, v in result.failures.items())
         raise SSLError(f"{len(result.failures)} of {len(names)} methods failed: {lines}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,25 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0):  # ty
 
 
 @torch.no_grad()
+def iter_features(
+    embed: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    size: int,
+    device: torch.device,
+    batch_size: int = 256,
+    normalize: bool = True,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    num_workers: int = 0,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(features [B, D] float32 CPU, labels [B], indices [B])`` batch by batch, in dataset
+    order. ``indices`` are what the dataset returned: a file dataset that replaces an
+    unreadable image by the next readable one says so by returning the substitute's index."""
+    for images, y, idx in iter_batches(dataset, batch_size, num_workers):
+        x = eval_transform(images.to(device), size, normalize, mean, std)
+        yield embed(x).float().cpu(), torch.as_tensor(y), torch.as_tensor(idx)
+
+
 def extract(
     embed: Callable[[Tensor], Tensor],
     dataset: Dataset,
@@ -65,8 +84,9 @@ def extract(
 ) -> tuple[Tensor, Tensor]:
     """Features [N, D] (float32, CPU) and labels [N] of a whole dataset."""
     feats, labels = [], []
-    for images, y, _ in iter_batches(dataset, batch_size, num_workers):
-        x = eval_transform(images.to(device), size, normalize, mean, std)
-        feats.append(embed(x).float().cpu())
-        labels.append(torch.as_tensor(y))
+    for f, y, _ in iter_features(
+        embed, dataset, size, device, batch_size, normalize, mean, std, num_workers
+    ):
+        feats.append(f)
+        labels.append(y)
     return torch.cat(feats), torch.cat(labels)
