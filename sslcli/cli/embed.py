@@ -50,6 +50,12 @@ def embed(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per encoder batch."),
     workers: int = typer.Option(0, "--workers", help="Decoding workers for folder datasets."),
+    max_bad_fraction: float = typer.Option(
+        None,
+        "--max-bad-fraction",
+        help="Fail when more than this fraction of the images is unreadable (default: the "
+        "run's data.max_bad_fraction, 0.01); fewer are skipped and named.",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object (the file's metadata) on stdout."
     ),
@@ -63,8 +69,8 @@ def embed(
         res = do_embed(
             target, data=data, out=out_file, split=split, which=which, normalize=normalize,
             dtype=dtype, neighbors=neighbors, device=device, batch_size=batch_size,
-            num_workers=workers, say=lambda m: err.print(m, markup=False, highlight=False),
-            progress=advance,
+            num_workers=workers, max_bad_fraction=max_bad_fraction,
+            say=lambda m: err.print(m, markup=False, highlight=False), progress=advance,
         )  # fmt: skip
     m = res.meta
     if as_json:

@@ -139,6 +139,7 @@ def embed(
     device: str = "auto",
     batch_size: int = 256,
     num_workers: int = 0,
+    max_bad_fraction: float | None = None,
     say: Callable[[str], None] = _quiet,
     progress: Callable[[int, int], None] | None = None,
 ) -> Embeddings:
@@ -147,7 +148,8 @@ def embed(
     With ``out``, the file is written (streaming; format by extension) and its contents are
     returned as arrays (memory-mapped for .safetensors). Without, the arrays are returned
     in memory. ``neighbors=K`` adds each image's K nearest other images (cosine).
-    ``progress(done, total)`` is called after every batch.
+    ``progress(done, total)`` is called after every batch. ``max_bad_fraction`` (default:
+    the run's ``data.max_bad_fraction``) bounds the unreadable images skipped.
     """
     fmt = format_of(out) if out is not None else None
     if dtype not in DTYPES:
@@ -173,8 +175,16 @@ def embed(
         say(f"data: {data} (the data {t.method_name or 'the encoder'} was trained on)")
     # As ssl eval: the run's own data decoded at its load_size, other data at the input size.
     load_size = t.load_size if data == own else t.image_size
-    max_bad = float(t.config.get("data", {}).get("max_bad_fraction") or 0.01)
+    max_bad = max_bad_fraction
+    if max_bad is None:
+        max_bad = float(t.config.get("data", {}).get("max_bad_fraction") or 0.01)
     ds = open_dataset(data, split, load_size, max_bad_fraction=max_bad)  # type: ignore[arg-type]
+    if neighbors >= len(ds):
+        # Checked before the encoder runs over the whole split only to fail at the end.
+        raise EmbedError(
+            f"--neighbors {neighbors}: {ds.name} ({split}) has only {len(ds)} images, so at "
+            f"most {len(ds) - 1} neighbours each"
+        )
     root, index_of = _indexer(ds)
     skipped = [index_of(p) for p in getattr(ds, "bad_at_open", [])]
 
