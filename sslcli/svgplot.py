@@ -84,7 +84,7 @@ def line_chart(
     y_percent: bool = False,
 ) -> str:
     """One SVG line chart; a point-only series (one point) is drawn as a dot."""
-    left, right, top, bottom = 58, 12, 28, 44
+    left, right, top, bottom = 68, 12, 28, 44
     live = [s for s in series if s.points]
     legend_rows = math.ceil(len(live) / 2) if len(live) > 1 else 0
     height += 16 * legend_rows
