@@ -34,7 +34,7 @@ import numpy as np
 
 from sslcli import svgplot
 from sslcli.comparison import COLUMNS, RunSummary, _records, fmt_value, read_run
-from sslcli.errors import SSLError
+from sslcli.errors import DataError, SSLError
 from sslcli.load import TargetError, is_export_dir, latest_run, run_dir_of
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -415,10 +415,7 @@ def _encoder_sections(
     say: Callable[[str], None],
 ) -> tuple[str, str]:
     """(neighbours html, map html): the parts that need the trained encoder."""
-    from sslcli.data.datasets import available_splits, open_dataset
-    from sslcli.engine.runtime import pick_device, pick_dtype
-    from sslcli.eval import cache as feature_cache
-    from sslcli.eval.neighbors import nearest
+    from sslcli.engine.runtime import pick_device
     from sslcli.load import load_target
 
     try:
@@ -433,13 +430,53 @@ def _encoder_sections(
     if spec is None:
         msg = "the run does not record its data: give --data"
         return _note(msg), _note(msg)
+    try:
+        return _neighbours_and_map(
+            t, spec, which=which, queries=queries, top=top, map_method=map_method,
+            map_points=map_points, device=dev, batch_size=batch_size, num_workers=num_workers,
+            say=say,
+        )  # fmt: skip
+    except SSLError as e:
+        # Moved or broken data costs these two sections, not the whole report.
+        say(f"report: no neighbours or map: {e}")
+        msg = f"unavailable: {e}"
+        return _note(msg), _note(msg)
+
+
+def _neighbours_and_map(
+    t: Any,
+    spec: str,
+    *,
+    which: str | None,
+    queries: int,
+    top: int,
+    map_method: str,
+    map_points: int,
+    device: Any,
+    batch_size: int,
+    num_workers: int,
+    say: Callable[[str], None],
+) -> tuple[str, str]:
+    from sslcli.data.datasets import available_splits, open_dataset
+    from sslcli.engine.runtime import pick_dtype
+    from sslcli.eval import cache as feature_cache
+    from sslcli.eval.neighbors import nearest
+
+    dev = device
     load_size = t.load_size if spec == t.dataset else t.image_size
 
+    max_bad = float(t.config.get("data", {}).get("max_bad_fraction") or 0.01)
+
     def open_split(split: str) -> Any:
+        # The labelled rows, as ssl eval opens them (so its cached features are reused);
+        # all rows of data without labels.
+        kw: dict[str, Any] = {"max_bad_fraction": max_bad}
         try:
-            return open_dataset(spec, split, load_size, labelled_only=True)  # type: ignore[arg-type]
-        except SSLError:
-            return open_dataset(spec, split, load_size)  # type: ignore[arg-type]
+            return open_dataset(spec, split, load_size, labelled_only=True, **kw)  # type: ignore[arg-type]
+        except DataError as e:
+            if "no labelled images" not in str(e):
+                raise
+            return open_dataset(spec, split, load_size, **kw)  # type: ignore[arg-type]
 
     def feats(ds: Any) -> np.ndarray:
         f = feature_cache.features(
@@ -461,10 +498,14 @@ def _encoder_sections(
         f_query[q_rows], f_train, k, device=dev, self_rows=q_rows if test is train else None
     )
     where = "the test split" if q_split == "test" else "the training split (no test split)"
+    frames = (
+        "; a green frame: same label as the query, red: another label"
+        if bool((q_labels >= 0).any())
+        else ""
+    )
     nn_html = (
         f"<p>{len(q_rows)} fixed query images from {escape(where)} and the {k} training images "
-        "with the most similar embeddings (cosine similarity under each); a green frame: same "
-        "label as the query, red: another label.</p>"
+        f"with the most similar embeddings (cosine similarity under each){frames}.</p>"
         + _neighbours_html(test, train, q_rows, nb, sims, q_split)
     )
     return nn_html, _map_html(f_query, q_labels, test.classes, map_method, map_points, q_split)
