@@ -27,6 +27,7 @@ from sslcli.cli.app import main
 from sslcli.data.datasets import UnreadableImageWarning, open_dataset
 from sslcli.engine.runtime import pick_device
 from sslcli.eval import cache as feature_cache
+from sslcli.eval import embed as embed_mod
 from sslcli.eval.embed import Embeddings, embed, load_embeddings
 from sslcli.eval.neighbors import nearest
 from sslcli.load import load_target
@@ -113,12 +114,16 @@ def test_streaming_in_batches_matches_one_batch_and_reports_progress(run_dir: Pa
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".npz", ".parquet"])
-def test_every_format_round_trips(run_dir: Path, tmp_path: Path, ext: str) -> None:
+def test_every_format_round_trips(
+    run_dir: Path, tmp_path: Path, ext: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if ext == ".parquet":
         pytest.importorskip("pyarrow", reason="pyarrow is not installed: .parquet is optional")
     kw: dict[str, Any] = dict(split="test", normalize=True, dtype="float16", neighbors=4)
     mem = embed(run_dir, **kw)
     out = tmp_path / f"e{ext}"
+    # Write 8 KB at a time: every array crosses many chunk boundaries on its way to disk.
+    monkeypatch.setattr(embed_mod, "CHUNK_BYTES", 8 << 10)
     disk = embed(run_dir, out=out, **kw)
     back = load_embeddings(out)
     for e in (disk, back):
