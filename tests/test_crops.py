@@ -246,3 +246,34 @@ def test_a_training_step_runs_at_224px_on_non_square_jpegs(tmp_path: Path) -> No
     )
     assert result.steps == 1 and result.final_loss is not None
     assert math.isfinite(result.final_loss)
+
+
+def test_boxes_are_drawn_on_the_upright_image(tmp_path: Path) -> None:
+    """A photo stored sideways with an EXIF rotation is cropped like the upright one."""
+    a = np.full((240, 480, 3), 120, np.uint8)
+    a[:, :40] = MARK
+    upright = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "a.jpg", exif=exif, quality=95)
+    upright.save(tmp_path / "b.jpg", quality=95)
+    ds = open_dataset(str(tmp_path), "train", 32)
+    plan = CropPlan.of([ViewSpec(count=6, size=32, scale=(0.05, 0.3))], seed=0)
+    rotated, _, _ = CropDataset(ds, plan, 0).base.read(0, lambda im: _crops(im, plan))
+    plain, _, _ = CropDataset(ds, plan, 0).base.read(1, lambda im: _crops(im, plan))
+    for r, p in zip(rotated.views, plain.views, strict=True):
+        assert (r.float() - p.float()).abs().mean() < 3
+
+
+def _crops(img: Image.Image, plan: CropPlan) -> Crops:
+    from sslcli.data.crops import crop_views_pil
+
+    return crop_views_pil(img, plan, epoch=0, index=0)  # the same boxes for both files
+
+
+def test_batches_of_crops_keep_their_type_through_the_device_copy() -> None:
+    from sslcli.data.loader import to_device
+
+    c = Crops([torch.zeros(2, 3, 4, 4, dtype=torch.uint8)], torch.ones(2, 3, 8, 8))
+    moved = to_device((c, torch.zeros(2), torch.arange(2)), torch.device("cpu"))
+    assert isinstance(moved[0], Crops) and moved[0].full is not None

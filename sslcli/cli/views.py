@@ -25,7 +25,9 @@ def views(
     config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
     sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
     n: int = typer.Option(8, "--n", help="Number of source images (rows)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order and augmentations."),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of the data order and augmentations (default: the run's)."
+    ),
 ) -> None:
     """Write the views 'ssl train' would make from N images, with the same settings."""
     from sslcli import api
@@ -38,6 +40,7 @@ def views(
         if value is not None:
             set_dotted(flags, key, value)
     _, run, _ = api.resolve_config(method, config=config, overrides=flags, sets=sets or [])
+    seed = run.trainer.seed if seed is None else seed
     written = write_views(run, out_path, n=n, seed=seed)
     where = out_path if len(written) == 1 else f"{len(written)} pictures in {out_path}"
     out.print(f"wrote {where}")

@@ -165,9 +165,10 @@ def crop_views_pil(img: Image.Image, plan: CropPlan, epoch: int, index: int) -> 
     boxes = plan.boxes(epoch, index, oh, ow)
     extra = min(ow, oh) / plan.full_size if plan.full_size else math.inf
     r = _reduction(boxes, plan.specs, extra)
-    if r >= 2 and img.format == "JPEG":
+    if r >= 2:
         # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose result is at least the
         # requested size in both dimensions: boxes scaled by it keep >= the view's side.
+        # (JPEG and MPO only; a no-op for other formats.)
         rw, rh = math.ceil(ow / r), math.ceil(oh / r)
         img.draft("RGB", (rh, rw) if orientation in (5, 6, 7, 8) else (rw, rh))
     img.load()  # full decode now, so truncation is detected here, as in decode_image_file
