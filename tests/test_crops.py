@@ -277,3 +277,21 @@ def test_batches_of_crops_keep_their_type_through_the_device_copy() -> None:
     c = Crops([torch.zeros(2, 3, 4, 4, dtype=torch.uint8)], torch.ones(2, 3, 8, 8))
     moved = to_device((c, torch.zeros(2), torch.arange(2)), torch.device("cpu"))
     assert isinstance(moved[0], Crops) and moved[0].full is not None
+
+
+def test_online_probe_reads_the_evaluation_square_from_worker_crops(tmp_path: Path) -> None:
+    """Labelled image folder, one DataLoader worker, online probe on: the workers send the
+    probe's centre square along with the crops."""
+    from tests.test_train_formats import write_image_tree
+
+    tree = write_image_tree(tmp_path / "tree", per_class=4)
+    result = api.train(
+        "simclr",
+        overrides={
+            "backbone": {"name": "test_resnet"},
+            "data": {"dataset": str(tree), "image_size": 16, "num_workers": 1},
+            "trainer": {"epochs": 1, "batch_size": 4, "max_steps": 2, "eval_knn": False,
+                        "online_probe": True, "out": str(tmp_path / "run")},
+        },  # fmt: skip
+    )
+    assert result.steps == 2
