@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from sslcli.config import RunConfig
+from sslcli.data.views import ViewSpec
 from sslcli.errors import DataError
 
 # Layout of the grid picture (pixels).
@@ -40,7 +41,7 @@ class ViewRow:
     views: list[Tensor]
 
 
-def _views_of(config: RunConfig) -> list:  # list[ViewSpec]
+def _views_of(config: RunConfig) -> list[ViewSpec]:
     """The method's views for ``config``: the method is built as the trainer builds it."""
     from sslcli import registry
     from sslcli.backbones import make_spec
