@@ -165,27 +165,24 @@ def crop_views_pil(img: Image.Image, plan: CropPlan, epoch: int, index: int) -> 
     boxes = plan.boxes(epoch, index, oh, ow)
     extra = min(ow, oh) / plan.full_size if plan.full_size else math.inf
     r = _reduction(boxes, plan.specs, extra)
+    f = 1.0  # how much the decode shrinks the image
     if r >= 2:
         # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose result is at least the
         # requested size in both dimensions: boxes scaled by it keep >= the view's side.
-        # (JPEG and MPO only; a no-op for other formats.)
+        # (JPEG and MPO only; other formats return None.)
         rw, rh = math.ceil(ow / r), math.ceil(oh / r)
-        img.draft("RGB", (rh, rw) if orientation in (5, 6, 7, 8) else (rw, rh))
+        raw_w = img.size[0]
+        drafted = img.draft("RGB", (rh, rw) if orientation in (5, 6, 7, 8) else (rw, rh))
+        if drafted is not None:
+            f = raw_w / drafted[1][2]  # its box is the original extent in decoded pixels
     img.load()  # full decode now, so truncation is detected here, as in decode_image_file
-    img = ImageOps.exif_transpose(img) or img
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img) or img
     img = _to_rgb(img)
     dw, dh = img.size
-    # DCT scaling divides by a power of two (the last partial block rounds up): recover it.
-    fx = 2.0 ** round(math.log2(ow / dw)) if dw != ow else 1.0
-    fy = 2.0 ** round(math.log2(oh / dh)) if dh != oh else 1.0
     views = []
     for (top, left, h, w), spec in zip(boxes, plan.specs, strict=True):
-        box = (
-            left / fx,
-            top / fy,
-            min(dw, (left + w) / fx),
-            min(dh, (top + h) / fy),
-        )
+        box = (left / f, top / f, min(dw, (left + w) / f), min(dh, (top + h) / f))
         v = img.resize((spec.size, spec.size), _RESAMPLE[spec.interpolation], box=box)
         views.append(_chw(v))
     full = square_from_pil(img, plan.full_size) if plan.full_size else None
