@@ -5,7 +5,8 @@ the step computes):
 
 :class:`DevicePrefetcher`
     wraps any iterator of CPU batches ``(images, labels, index)`` (``images`` a uint8
-    tensor ``[B, 3, S, S]`` or, for GPU JPEG decoding, a list of encoded byte tensors).
+    tensor ``[B, 3, S, S]``, the :class:`~sslcli.data.crops.Crops` that workers cut from
+    image files, or, for GPU JPEG decoding, a list of encoded byte tensors).
     On CUDA it pins host memory, copies batch k+1 with ``non_blocking=True`` on a side
     stream and runs an optional function there (GPU JPEG decode, view generation) while
     the default stream computes step k; stream events order the two and
