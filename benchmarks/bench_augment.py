@@ -8,7 +8,12 @@ the view, ToDtype + Normalize), two views per image, from the same synthetic uin
   image at a time in N DataLoader workers (N = usable CPU cores by default), batches
   collated in the workers and handed over through shared memory;
 * ``torchvision v2, main process``: the same Compose in a plain loop, one core;
-* ``ViewPipeline (cpu)``: :class:`sslcli.data.augment.ViewPipeline` on a uint8 batch;
+* ``ViewPipeline (cpu)``: :class:`sslcli.data.augment.ViewPipeline` on a uint8 batch (the
+  in-memory path: crop boxes drawn and resampled in the batch);
+* ``ViewPipeline on worker crops (cpu)``: the device half of the image-file path, where
+  DataLoader workers have already cut each view from the original image
+  (:mod:`sslcli.data.crops`): flip, jitter, grayscale, blur, normalise on
+  :class:`~sslcli.data.crops.Crops` of uint8 views;
 * ``ViewPipeline (cuda)`` (``--device cuda``): the same on a GPU-resident batch, timed with
   ``torch.cuda.synchronize``; ``+ uint8 upload`` also copies each uint8 batch from pinned
   host memory first, the realistic path from a DataLoader that only decodes.
@@ -293,9 +298,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return step
 
+    def crops_step(dev: torch.device) -> Callable[[], object]:
+        """The pipeline on views the workers cropped already (the image-file path)."""
+        from sslcli.data.crops import Crops
+
+        pipe = ViewPipeline([spec])
+        g = torch.Generator().manual_seed(1)
+        crops = [
+            torch.randint(0, 256, (b, 3, spec.size, spec.size), dtype=torch.uint8, generator=g)
+            .to(dev)
+            for _ in range(views_per_image)
+        ]
+        gen = torch.Generator(device=dev).manual_seed(0)
+        return lambda: pipe(Crops(crops), gen)
+
     if device.type == "cpu" or args.cpu_pipeline:
         cpu = torch.device("cpu")
         variants.append(Timed("ViewPipeline (cpu)", pipeline_step(cpu), b * views_per_image))
+        variants.append(
+            Timed("ViewPipeline on worker crops (cpu)", crops_step(cpu), b * views_per_image)
+        )
     if device.type == "cuda":
         variants.append(Timed("ViewPipeline (cuda)", pipeline_step(device), b * views_per_image))
         variants.append(

@@ -1,16 +1,22 @@
 """End-to-end training throughput from a JPEG folder against synthetic device tensors.
 
-A folder of N JPEGs is written with PIL into a temporary directory, opened as a dataset,
-and the same Trainer (same method, model, batch, load size) runs ``train_step`` on:
+A folder of N JPEGs of variable size and aspect (each side drawn independently in
+0.75-1.25 x ``--jpeg-size``: 300-500 px by default) is written with PIL into a temporary
+directory, opened as a dataset, and the same Trainer (same method, model, batch) runs
+``train_step`` on:
 
-* ``synthetic``         uint8 batches already on the device: the ceiling, no data loading;
-* ``jpeg, PIL workers`` the trainer's own loader (``Trainer._batches``: DataLoader workers
-                        decode with PIL), through :class:`sslcli.data.loader.DevicePrefetcher`;
+* ``synthetic``         uint8 squares already on the device: the ceiling, no data loading;
+* ``jpeg, PIL workers`` the trainer's own loader with the nvJPEG decoder switched off
+                        (``Trainer._batches``: DataLoader workers decode with PIL and cut
+                        every view from the original image), through
+                        :class:`sslcli.data.loader.DevicePrefetcher`. On CUDA the trainer
+                        would pick nvJPEG for a JPEG folder; this row never does;
 * ``jpeg, batch decode`` workers only read bytes (``JpegBytesDataset``), the main process
-                        decodes the batch with ``JpegDecoder`` as the prefetcher's side
-                        function: nvJPEG on CUDA; on a CPU the same code runs libjpeg-turbo
-                        in the main process, which shows the path works but is not where it
-                        pays;
+                        decodes the batch with ``JpegDecoder`` (views cut from the full
+                        decode on the device) in the prefetcher's helper thread, as the
+                        trainer does: nvJPEG on CUDA; on a CPU the same code runs
+                        libjpeg-turbo in the main process, which shows the path works but
+                        is not where it pays;
 * ``cached``            (``--cache``) the decoded dataset held as one uint8 tensor on the
                         device (``CachedDataset``), served by ``get_batch``.
 
@@ -22,12 +28,13 @@ separately. Blocks are interleaved across variants (see common.py).
 Example::
 
     python benchmarks/bench_end_to_end.py --device cuda --backbone resnet50 \\
-        --image-size 224 --load-size 256 --jpeg-size 400 --batch-size 128 --workers 16
+        --image-size 224 --jpeg-size 400 --batch-size 128 --workers 16
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,7 +49,8 @@ from torch import Tensor
 
 
 def write_jpegs(root: Path, n: int, side: int, seed: int = 0) -> None:
-    """``n`` photo-like JPEGs (smooth colour fields plus noise, sizes around ``side``)."""
+    """``n`` photo-like JPEGs (smooth colour fields plus noise), each side drawn on its own
+    in 0.75-1.25 x ``side``: variable sizes, aspect ratios from 3:5 to 5:3."""
     rng = np.random.default_rng(seed)
     for k in range(n):
         h = int(side * rng.uniform(0.75, 1.25))
@@ -105,6 +113,15 @@ def jpeg_batches(trainer: Any, epoch: int, workers: int) -> Iterator[Any]:
     yield from loader
 
 
+def _prepend(first: Any, rest: Any) -> Iterator[Any]:
+    """``first`` then ``rest``, closing ``rest`` (its DataLoader workers) when closed."""
+    try:
+        yield first
+        yield from rest
+    finally:
+        rest.close()
+
+
 class LoaderVariant:
     """A loader-fed train step; each block starts a fresh epoch iterator."""
 
@@ -146,9 +163,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     p.add_argument("--images", type=int, default=512, help="JPEGs to write (raised to fit)")
-    p.add_argument("--jpeg-size", type=int, default=96, help="typical side of the JPEGs")
+    p.add_argument(
+        "--jpeg-size", type=int, default=400, help="typical side of the JPEGs (0.75-1.25x)"
+    )
     p.add_argument("--image-size", type=int, default=32, help="view size")
-    p.add_argument("--load-size", type=int, default=None, help="decoded side (default: view)")
+    p.add_argument(
+        "--load-size",
+        type=int,
+        default=None,
+        help="side of the synthetic squares and the cache (default: view); views from JPEG "
+        "files are cut from the original image",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (trainer rule)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -213,8 +238,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [Variant("synthetic (device uint8)", synthetic, b)]
 
     # -- the trainer's loader: PIL in workers -----------------------------------------------
-    def pil_epoch(epoch: int) -> DevicePrefetcher[Any, Any]:
-        return DevicePrefetcher(trainer._batches(epoch, 0), device)
+    def pil_epoch(epoch: int) -> Iterator[Any]:
+        """``Trainer._batches`` with its nvJPEG decoder off (the loader is built at the
+        first batch, so the switch lasts exactly that long)."""
+        saved, trainer.decoder = trainer.decoder, None
+        try:
+            batches = trainer._batches(epoch, 0)
+            first = next(batches)
+        finally:
+            trainer.decoder = saved
+        return _prepend(first, batches)
 
     pil = LoaderVariant(trainer, pil_epoch, args.warm)
     variants.append(
@@ -222,12 +255,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # -- bytes in workers, batch decode in the main process -----------------------------------
-    decoder = JpegDecoder(trainer.dataset, args.load_size, device)
+    decoder = JpegDecoder(trainer.dataset, args.load_size, device, plan=trainer._crop_plan())
     where = "nvJPEG" if use_gpu_decode(trainer.dataset, device) else f"{device.type} libjpeg"
 
     def bytes_epoch(epoch: int) -> DevicePrefetcher[Any, Any]:
         return DevicePrefetcher(
-            jpeg_batches(trainer, epoch, workers), device, fn=decoder, transfer=False
+            jpeg_batches(trainer, epoch, workers),
+            device,
+            fn=functools.partial(decoder, epoch=epoch),
+            transfer=False,
+            background=True,
         )
 
     raw = LoaderVariant(trainer, bytes_epoch, args.warm)
@@ -279,8 +316,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hw = hardware(device)
     print()
     print(
-        f"# end to end: {args.method}, {args.backbone}, {n} JPEGs ~{args.jpeg_size}px -> load "
-        f"{args.load_size}px -> views {args.image_size}px, batch {b}, {workers} workers, "
+        f"# end to end: {args.method}, {args.backbone}, {n} JPEGs of "
+        f"{int(0.75 * args.jpeg_size)}-{int(1.25 * args.jpeg_size)}px per side -> views "
+        f"{args.image_size}px (synthetic: {args.load_size}px squares), batch {b}, "
+        f"{workers} workers, "
         f"{args.rounds} rounds x {args.steps} steps (median)"
     )
     print(f"# {hw}")

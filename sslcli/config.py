@@ -30,7 +30,11 @@ class DataConfig(_Section):
     )
     image_size: int = Field(16, ge=8, le=1024, description="Side of the training views.")
     load_size: int | None = Field(
-        None, ge=8, description="Side images are decoded to before cropping (default: image_size)."
+        None,
+        ge=8,
+        description="Side of the evaluation squares (shorter side resized, centre crop) and "
+        "of in-memory arrays before cropping (default: image_size); training views of image "
+        "files are cut from the original image.",
     )
     num_workers: int | None = Field(
         None, ge=0, description="Decoding workers (default: 0 for in-memory data, else #cores)."

@@ -24,7 +24,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 # One module per command; each exposes register(app) and imports heavy code lazily.
-COMMANDS = ("train", "methods", "backbones", "eval", "export", "compare", "embed", "report")
+COMMANDS = (
+    "train", "views", "methods", "backbones", "eval", "export", "compare", "embed", "report",
+)
 for _name in COMMANDS:
     try:
         _mod = importlib.import_module(f"sslcli.cli.{_name}")

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sslcli.data.crops import Crops
 from sslcli.data.views import ViewSpec, expand
 
 Interpolation = Literal["bilinear", "bicubic"]
@@ -669,12 +670,13 @@ class ViewParams:
     """Every random parameter of one view for a batch, one row per sample (see the samplers).
 
     ``blur``/``solarize``/``gray``/``flip`` are bool [B]; ``boxes`` int64 [B, 4] (top, left,
-    height, width); ``jitter_factors`` [B, 4] and ``jitter_order`` [B, 4] as in
-    :func:`sample_jitter`; ``blur_sigma`` float32 [B] (drawn for every sample, used where
-    ``blur``). Ops a spec disables are ``None``.
+    height, width), None for views cropped beforehand (:class:`~sslcli.data.crops.Crops`);
+    ``jitter_factors`` [B, 4] and ``jitter_order`` [B, 4] as in :func:`sample_jitter`;
+    ``blur_sigma`` float32 [B] (drawn for every sample, used where ``blur``).
+    Ops a spec disables are ``None``.
     """
 
-    boxes: Tensor
+    boxes: Tensor | None
     flip: Tensor | None = None
     jitter_factors: Tensor | None = None
     jitter_order: Tensor | None = None
@@ -700,16 +702,20 @@ def sample_view_params(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    crop: bool = True,
 ) -> ViewParams:
     """Draw one view's parameters for ``n`` images of ``height`` × ``width``.
 
     The draws happen in a fixed order (crop, flip, jitter, grayscale, blur, solarize) and
     are skipped only for ops the spec disables, so the generator advances by the same
     amount every step: a resumed run draws exactly what the uninterrupted one did.
+    ``crop=False``: no box (the images are the view's crops already, cut in the workers).
     """
     g, d = generator, device
     p = ViewParams(
         boxes=sample_crop_boxes(n, height, width, spec.scale, spec.ratio, generator=g, device=d)
+        if crop
+        else None
     )
     if spec.flip_p > 0:
         p.flip = sample_mask(n, spec.flip_p, generator=g, device=d)
@@ -743,8 +749,9 @@ class _Plan:
     rendered slice keeps the per-slice work to the heavy passes (on a CPU each op costs
     ~10 µs of dispatch whatever its size)."""
 
-    rows: tuple[Tensor, Tensor]
-    cols: Tensor
+    rows: tuple[Tensor, Tensor] | None
+    cols: Tensor | None
+    flip: Tensor | None = None  # [B, 1, 1, 1] bool, only for pre-cropped views
     gray: Tensor | None = None
     jitter: list[_Blend | _Hue] = field(default_factory=list)
     blur: Tensor | None = None
@@ -752,8 +759,9 @@ class _Plan:
 
     def select(self, sl: slice) -> _Plan:
         return _Plan(
-            rows=(self.rows[0][sl], self.rows[1][sl]),
-            cols=self.cols[sl],
+            rows=None if self.rows is None else (self.rows[0][sl], self.rows[1][sl]),
+            cols=None if self.cols is None else self.cols[sl],
+            flip=None if self.flip is None else self.flip[sl],
             gray=None if self.gray is None else self.gray[sl],
             jitter=[s.select(sl) for s in self.jitter],
             blur=None if self.blur is None else self.blur[sl],
@@ -762,9 +770,13 @@ class _Plan:
 
 
 def _plan(spec: ViewSpec, p: ViewParams, in_hw: tuple[int, int]) -> _Plan:
-    size = (spec.size, spec.size)
-    rows, cols = _crop_taps(p.boxes, in_hw, size, spec.interpolation, p.flip)
-    plan = _Plan(rows=rows, cols=cols)
+    if p.boxes is None:  # pre-cropped: only the flip is left of the geometry
+        flip = None if p.flip is None else _per_sample(p.flip)
+        plan = _Plan(rows=None, cols=None, flip=flip)
+    else:
+        size = (spec.size, spec.size)
+        rows, cols = _crop_taps(p.boxes, in_hw, size, spec.interpolation, p.flip)
+        plan = _Plan(rows=rows, cols=cols)
     if p.gray is not None:
         plan.gray = _per_sample(p.gray.to(torch.float32))
     if p.jitter_factors is not None and p.jitter_order is not None:
@@ -801,9 +813,14 @@ def _render(
 ) -> Tensor:
     """The heavy passes of one view over ``source`` (float [B, C, H, W] in [0, 1]);
     ``norm`` = (mean, std) [1, 3, 1, 1] or None."""
-    x = _resample(source, plan.rows, plan.cols)  # fresh: everything below is in place
-    if static.bicubic:
-        x = x.clamp_(0.0, 1.0)  # cubic overshoot; torchvision's uint8 path clamps too
+    if plan.rows is None or plan.cols is None:
+        # Cropped and resized in the workers (uint8, so nothing to clamp); a fresh tensor
+        # either way, since everything below is in place.
+        x = source.clone() if plan.flip is None else torch.where(plan.flip, source.flip(-1), source)
+    else:
+        x = _resample(source, plan.rows, plan.cols)  # fresh: everything below is in place
+        if static.bicubic:
+            x = x.clamp_(0.0, 1.0)  # cubic overshoot; torchvision's uint8 path clamps too
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1).contiguous()
     if plan.gray is not None and static.gray_first:
@@ -826,7 +843,9 @@ class ViewPipeline:
 
     ``pipeline(images, generator)`` takes uint8 [B, C, H, W] (C = 1 or 3; float in [0, 1] is
     accepted too) on the training device and returns one float32 [B, 3, size, size] tensor
-    per expanded view (``spec.count`` repeats, in order). Per view and per sample:
+    per expanded view (``spec.count`` repeats, in order). Given a
+    :class:`~sslcli.data.crops.Crops` instead (views cropped from the original images in
+    the workers), it skips the crop and applies the rest to each view. Per view and per sample:
     RandomResizedCrop → horizontal flip → colour jitter (per-sample op order) → grayscale
     (before the jitter when ``grayscale_first``) → Gaussian blur → solarize → normalise.
 
@@ -853,13 +872,23 @@ class ViewPipeline:
         return f"ViewPipeline({len(self.views)} views: {[v.size for v in self.views]})"
 
     def sample(
-        self, spec: ViewSpec, images: Tensor, generator: torch.Generator | None = None
+        self,
+        spec: ViewSpec,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        crop: bool = True,
     ) -> ViewParams:
         """One view's parameters for ``images`` (exposed so tests can inspect the draws)."""
         b, _, h, w = images.shape
-        return sample_view_params(spec, b, h, w, generator=generator, device=images.device)
+        return sample_view_params(
+            spec, b, h, w, generator=generator, device=images.device, crop=crop
+        )
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+    def __call__(
+        self, images: Tensor | Crops, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        if isinstance(images, Crops):
+            return self._from_crops(images, generator)
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [B, 1 or 3, H, W], got {tuple(images.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -867,6 +896,23 @@ class ViewPipeline:
         # One float copy of the batch, shared by all views of the step.
         source = _to_float(images)
         return [self._view(source, spec, generator) for spec in self.views]
+
+    def _from_crops(self, crops: Crops, generator: torch.Generator | None) -> list[Tensor]:
+        """Views already cropped and resized (in the workers, or by the GPU decoder): the
+        batched ops after the geometry, with per-sample parameters as for a full batch."""
+        if len(crops.views) != len(self.views):
+            raise ValueError(
+                f"expected {len(self.views)} pre-cropped views, got {len(crops.views)}"
+            )
+        out = []
+        for spec, v in zip(self.views, crops.views, strict=True):
+            if v.ndim != 4 or v.shape[1] not in (1, 3) or v.shape[-1] != spec.size:
+                raise ValueError(
+                    f"expected a pre-cropped view [B, 3, {spec.size}, {spec.size}], "
+                    f"got {tuple(v.shape)}"
+                )
+            out.append(self._view(_to_float(v), spec, generator, crop=False))
+        return out
 
     def _normalizer(self, spec: ViewSpec, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """``(mean, std)`` as [1, 3, 1, 1] tensors on ``device``, None without normalising."""
@@ -888,8 +934,14 @@ class ViewPipeline:
         per_sample = 4 * 3 * max(spec.size * spec.size, h * w)
         return max(1, min(b, limit // per_sample))
 
-    def _view(self, source: Tensor, spec: ViewSpec, generator: torch.Generator | None) -> Tensor:
-        params = self.sample(spec, source, generator)
+    def _view(
+        self,
+        source: Tensor,
+        spec: ViewSpec,
+        generator: torch.Generator | None,
+        crop: bool = True,
+    ) -> Tensor:
+        params = self.sample(spec, source, generator, crop)
         plan = _plan(spec, params, (source.shape[2], source.shape[3]))
         static = _Static.of(spec)
         norm = self._normalizer(spec, source.device)

@@ -2,8 +2,10 @@
 
 ``S`` is the ``load_size`` given to :func:`open_dataset`: every image is converted to RGB,
 its shorter side resized to ``S`` (upsampled when smaller) and centre-cropped, so any
-batch collates. Workers only read and decode; augmentation happens later, on the device,
-in batches (:mod:`sslcli.data.augment`).
+batch collates. That is the evaluation geometry. Training on image files cuts every view
+from the original image instead (:class:`sslcli.data.crops.CropDataset` over
+:meth:`FileImageDataset.read`); in-memory arrays are cropped from the stored image, on the
+device, in batches (:mod:`sslcli.data.augment`).
 
 Specs accepted by :func:`open_dataset`, :func:`available_splits` and :func:`describe`:
 
@@ -51,17 +53,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sslcli.data import formats
 from sslcli.data.decode import (
     IMAGE_EXTENSIONS,
     JPEG_EXTENSIONS,
-    decode_image_file,
+    decode_pil,
     error_reason,
     is_image_file,
     probe_image,
@@ -69,6 +72,7 @@ from sslcli.data.decode import (
 )
 from sslcli.errors import DataError
 
+T = TypeVar("T")
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
 FORMATS: tuple[str, ...] = ("imagefolder", "folder", "cifar10", "cifar100", "stl10", "idx")
@@ -363,25 +367,42 @@ class FileImageDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         i = self._index(i)
+        if self._cached is not None and self._cached[i] and not self._bad[i]:
+            assert self._cache is not None
+            return self._cache[i].clone(), int(self.labels[i]), i
+        x, y, j = self.read(i, self._decode_square)
+        if self._cache is not None and self._cached is not None:
+            self._cache[j] = x
+            self._cached[j] = True
+        return x, y, j
+
+    def _decode_square(self, img: Image.Image) -> torch.Tensor:
+        img.load()  # the full decode first, as decode_image_file does
+        return decode_pil(img, self.load_size)
+
+    def read(self, i: int, decode: Callable[[Image.Image], T]) -> tuple[T, int, int]:
+        """``(decode(opened image), label, index)`` of file ``i``, or of its substitute.
+
+        The corrupt-file rules of the module docstring, for any decoding function (the
+        square of :meth:`__getitem__`, the training crops of
+        :class:`sslcli.data.crops.CropDataset`). ``decode`` gets the opened, not yet
+        loaded image (so it may ``draft()``) and must load it fully.
+        """
+        i = self._index(i)
         n = len(self)
         for step in range(n):
             j = (i + step) % n
             if self._bad[j]:
                 continue
-            if self._cached is not None and self._cached[j]:
-                assert self._cache is not None
-                return self._cache[j].clone(), int(self.labels[j]), j
             path = self._paths[j]
             try:
-                x = decode_image_file(path, self.load_size)
+                with Image.open(path) as img:
+                    x = decode(img)
             except Exception as e:  # PIL raises many types for broken files; all mean "bad"
                 self._bad[j] = 1
                 _warn_bad(path, error_reason(e))
                 self._check_bad_count(self.bad_count)
                 continue
-            if self._cache is not None and self._cached is not None:
-                self._cache[j] = x
-                self._cached[j] = True
             return x, int(self.labels[j]), j
         raise TooManyBadImagesError(f"no readable image left in {self.name} ({self.split})")
 

@@ -7,7 +7,9 @@ antialiased when shrinking), then the centre ``size x size`` crop:
 * :func:`to_square` for uint8 tensors already in memory (CIFAR, STL-10, IDX, digits) and
   for images decoded on the GPU from :meth:`FileImageDataset.read_bytes`.
 
-Augmentation is *not* done here: views are cut later, on the device, in batches.
+This is the geometry of evaluation and of in-memory arrays. Training views of image files
+are cut from the original image instead (:mod:`sslcli.data.crops`); the colour and other
+augmentations run later, on the device, in batches.
 """
 
 from __future__ import annotations
@@ -115,7 +117,12 @@ def decode_pil(img: Image.Image, size: int) -> torch.Tensor:
     img.draft("RGB", (size, size))
     # Phone photos store rotation as an EXIF tag; without this they train sideways.
     img = ImageOps.exif_transpose(img) or img
-    img = _to_rgb(img)
+    return square_from_pil(_to_rgb(img), size)
+
+
+def square_from_pil(img: Image.Image, size: int) -> torch.Tensor:
+    """A decoded, upright RGB PIL image -> uint8 ``[3, size, size]``: shorter side resized
+    to ``size``, centre crop (the evaluation transform's geometry)."""
     w, h = img.size
     nh, nw = _resized_dims(h, w, size)
     if (nh, nw) != (h, w):

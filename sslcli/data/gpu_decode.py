@@ -3,9 +3,11 @@
 For a JPEG folder the PIL decode in the workers is usually the slowest part of training a
 small model. Here the workers only read files (:class:`JpegBytesDataset`, collated into
 one packed byte tensor by :func:`collate_jpeg`), and the main process decodes the whole
-batch with nvJPEG (``torchvision.io.decode_jpeg(list, device="cuda")``), then brings every
-image to the dataset's square load size on the device with
-:func:`sslcli.data.decode.to_square`. On the CPU the very same code runs with
+batch with nvJPEG (``torchvision.io.decode_jpeg(list, device="cuda")``). For training
+(:class:`JpegDecoder` with a :class:`~sslcli.data.crops.CropPlan`) every view's box is
+drawn on the full decoded image, with the same numbers as the worker path draws, and
+resampled from it on the device; for evaluation every image is brought to the dataset's
+square load size with :func:`sslcli.data.decode.to_square`. On the CPU the very same code runs with
 ``device="cpu"`` (libjpeg-turbo), which is how it is tested without a GPU.
 
 Agreement with the worker (PIL) path of :class:`~sslcli.data.datasets.FileImageDataset`:
@@ -37,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sslcli.data import datasets as _ds
+from sslcli.data.crops import CropDataset, CropPlan, Crops, crop_views_pil, resized_crop_tensor
 from sslcli.data.datasets import FileImageDataset
 from sslcli.data.decode import decode_pil, error_reason, to_square
 
@@ -188,9 +191,21 @@ def apply_orientation(img: Tensor, orientation: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _decode_jpeg(data: list[Tensor], device: torch.device) -> list[Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    # torchvision's CUDA decode runs on nvJPEG's own stream without waiting for the
+    # caller's: memory that the caching allocator hands it may still be read by kernels
+    # queued on our (side) stream, e.g. the previous batch's crops, and the decode would
+    # overwrite it under them. Draining the current stream first closes that window; it
+    # costs one host wait per batch, in the prefetcher's helper thread.
+    _synchronize(device)
     # torchvision 0.29 deprecates its codecs in favour of TorchCodec and warns on every
     # call; nothing else in our dependencies decodes a batch with nvJPEG, and the warning
     # would repeat once per training step, so it is silenced here only.
@@ -218,20 +233,94 @@ class JpegDecoder:
     PIL path and what was unreadable.
     """
 
-    def __init__(self, dataset: FileImageDataset, size: int | None = None, device: Any = "cpu"):
+    def __init__(
+        self,
+        dataset: FileImageDataset,
+        size: int | None = None,
+        device: Any = "cpu",
+        plan: CropPlan | None = None,
+    ):
         self.dataset = dataset
         self.size = size or dataset.load_size
         self.device = torch.device(device)
+        self.plan = plan
         self.cpu_fallbacks = 0
         self.bad_files = 0
 
-    def __call__(self, batch: tuple[Any, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(
+        self, batch: tuple[Any, Tensor, Tensor], epoch: int = 0
+    ) -> tuple[Tensor | Crops, Tensor, Tensor]:
+        """Squares of the load size, or with a ``plan`` the training :class:`Crops` of
+        ``epoch`` (cut from the full decoded images, boxes as the workers draw them)."""
         encoded, labels, index = batch
         data = unpack(encoded)
         labels, index = labels.clone(), index.clone()
-        images = self.decode(data, labels, index)
+        images: Tensor | Crops
+        if self.plan is None:
+            images = self.decode(data, labels, index)
+        else:
+            images = self.decode_crops(data, labels, index, epoch)
         dev = self.device
         return images, labels.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
+
+    def _decode_ready(self, data: list[Tensor]) -> dict[int, Tensor]:
+        """Batch position -> decoded upright image, for the files the fast path decodes."""
+        fast = [k for k in range(len(data)) if _looks_complete(data[k])]
+        ready: dict[int, Tensor] = {}
+        for k, img in zip(fast, self._decode_fast([data[k] for k in fast]), strict=True):
+            if img is not None:
+                o = exif_orientation(memoryview(data[k].numpy()))
+                ready[k] = apply_orientation(img, o) if o != 1 else img
+        return ready
+
+    def decode_crops(self, data: list[Tensor], labels: Tensor, index: Tensor, epoch: int) -> Crops:
+        """Each view's box drawn on the full decoded image (:meth:`CropPlan.boxes`, the same
+        numbers as the worker path) and resampled from it on the device, one sample at a
+        time (the boxes differ in size). Rewrites ``labels``/``index`` like :meth:`decode`."""
+        plan = self.plan
+        assert plan is not None
+        dev, b = self.device, len(data)
+        views = [
+            torch.empty((b, 3, s.size, s.size), dtype=torch.uint8, device=dev) for s in plan.specs
+        ]
+        fs = plan.full_size
+        full = torch.empty((b, 3, fs, fs), dtype=torch.uint8, device=dev) if fs else None
+        ready = self._decode_ready(data)
+        for k, img in ready.items():
+            _, h, w = img.shape
+            boxes = plan.boxes(epoch, int(index[k]), h, w)
+            for v, (box, spec) in enumerate(zip(boxes, plan.specs, strict=True)):
+                views[v][k] = resized_crop_tensor(img, box, spec.size, spec.interpolation)
+            if full is not None and fs is not None:
+                full[k] = to_square(img[None], fs)[0]
+        for k in range(b):
+            if k in ready:
+                continue
+            crops = self._slow_crops(data[k], k, labels, index, epoch)
+            for v, x in enumerate(crops.views):
+                views[v][k] = x.to(dev)
+            if full is not None and crops.full is not None:
+                full[k] = crops.full.to(dev)
+        return Crops(views, full)
+
+    def _slow_crops(
+        self, data: Tensor, k: int, labels: Tensor, index: Tensor, epoch: int
+    ) -> Crops:
+        """The worker path's crops of one file, or of its substitute when unreadable."""
+        plan = self.plan
+        assert plan is not None
+        self.cpu_fallbacks += 1
+        j = int(index[k])
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                return crop_views_pil(img, plan, epoch, j)
+        except Exception as e:  # PIL raises many types for broken files; all mean "bad"
+            reason = error_reason(e)
+        self.bad_files += 1
+        _mark_bad(self.dataset, j, reason)
+        crops, y, j2 = CropDataset(self.dataset, plan, epoch)[j]
+        labels[k], index[k] = y, j2
+        return crops
 
     def decode(self, data: list[Tensor], labels: Tensor, index: Tensor) -> Tensor:
         """Decode ``data`` into ``[B, 3, S, S]``; rewrites ``labels``/``index`` in place where
@@ -239,12 +328,7 @@ class JpegDecoder:
         s, dev = self.size, self.device
         b = len(data)
         out = torch.empty((b, 3, s, s), dtype=torch.uint8, device=dev)
-        fast = [k for k in range(b) if _looks_complete(data[k])]
-        ready: dict[int, Tensor] = {}
-        for k, img in zip(fast, self._decode_fast([data[k] for k in fast]), strict=True):
-            if img is not None:
-                o = exif_orientation(memoryview(data[k].numpy()))
-                ready[k] = apply_orientation(img, o) if o != 1 else img
+        ready = self._decode_ready(data)
         # Group by decoded shape so every shape is resized in one call.
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, img in ready.items():

@@ -5,7 +5,8 @@ the step computes):
 
 :class:`DevicePrefetcher`
     wraps any iterator of CPU batches ``(images, labels, index)`` (``images`` a uint8
-    tensor ``[B, 3, S, S]`` or, for GPU JPEG decoding, a list of encoded byte tensors).
+    tensor ``[B, 3, S, S]``, the :class:`~sslcli.data.crops.Crops` that workers cut from
+    image files, or, for GPU JPEG decoding, a list of encoded byte tensors).
     On CUDA it pins host memory, copies batch k+1 with ``non_blocking=True`` on a side
     stream and runs an optional function there (GPU JPEG decode, view generation) while
     the default stream computes step k; stream events order the two and
@@ -64,7 +65,9 @@ def map_tensors(obj: Any, f: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, Tensor):
         return f(obj)
     if isinstance(obj, tuple):
-        return tuple(map_tensors(o, f) for o in obj)
+        items = [map_tensors(o, f) for o in obj]
+        # A NamedTuple (e.g. the pre-cropped views of a batch) keeps its type.
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     if isinstance(obj, list):
         return [map_tensors(o, f) for o in obj]
     if isinstance(obj, dict):
@@ -461,12 +464,30 @@ class CachedDataset(ImageDataset):
         return x[0], int(y[0]), int(j[0])
 
     def get_batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(uint8 [B, 3, S, S], labels [B], index [B])`` on the cache's device."""
-        rows = self._source[idx.to(self.device)]
+        """``(uint8 [B, 3, S, S], labels [B], index [B])`` on the cache's device.
+
+        ``idx`` is best already on that device (the trainer moves an epoch's order there
+        once); a host index is pinned and copied without blocking, on the current stream,
+        instead of a pageable copy that would wait for the device.
+        """
+        rows = self._source[index_on(idx, self.device)]
         x = self._images[rows]  # advanced indexing: a fresh tensor, never a view
         if x.shape[1] == 1:  # grey arrays stay one channel in memory, as in the dataset
             x = x.expand(-1, 3, -1, -1).contiguous()
         return x, self._labels[rows], rows
+
+
+def index_on(idx: Tensor, device: torch.device) -> Tensor:
+    """``idx`` on ``device``: as is when it is there already; from the host, through pinned
+    memory with a non-blocking copy on the current stream (the caching host allocator keeps
+    the pinned buffer until that stream has read it)."""
+    idx = torch.as_tensor(idx)
+    here = idx.device
+    if here.type == device.type and (device.index is None or here.index == device.index):
+        return idx
+    if device.type == "cuda" and idx.device.type == "cpu":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
 
 
 def _array_images(base: ImageDataset) -> Tensor | None:

@@ -23,6 +23,7 @@ same step), plus one per logged line.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,9 +44,10 @@ from torch.utils.data import DataLoader
 from sslcli.backbones import make_spec
 from sslcli.config import RunConfig, save_json
 from sslcli.data.augment import ViewPipeline
+from sslcli.data.crops import CropDataset, CropPlan, Crops, collate_crops
 from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
-from sslcli.data.loader import DevicePrefetcher, maybe_cache
+from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import schedules
 from sslcli.engine.optim import build_optimizer, default_param_groups, scaled_lr
@@ -638,10 +640,12 @@ class Trainer:
         On CUDA the next batch is copied (or JPEG-decoded) on a side stream while the
         current step computes; on CPU this is a plain pass-through.
         """
+        if self.decoder is not None:
+            self.decoder.plan = self._crop_plan()
         return DevicePrefetcher(
             self._host_batches(epoch, skip),
             self.device,
-            fn=self.decoder,
+            fn=None if self.decoder is None else functools.partial(self.decoder, epoch=epoch),
             transfer=self.decoder is None,
             background=self.decoder is not None,
         )
@@ -657,19 +661,32 @@ class Trainer:
         order = order[: self.steps_per_epoch * self.global_batch]
         chunks = order.view(self.steps_per_epoch, self.global_batch)
         r, lb = dist.rank(), self.local_batch
-        index_lists = [c[r * lb : (r + 1) * lb] for c in chunks[skip:]]
         get_batch = getattr(self.dataset, "get_batch", None)
+        where = getattr(self.dataset, "device", None)
+        if callable(get_batch) and isinstance(where, torch.device) and where.type != "cpu":
+            # A device cache indexes on the device: one copy of the order per epoch instead
+            # of a blocking host-to-device index copy per batch.
+            chunks = chunks.to(where)
+        index_lists = [c[r * lb : (r + 1) * lb] for c in chunks[skip:]]
         if callable(get_batch):
             # In-memory data: one gather per batch, no per-item collate, no workers.
             for idx in index_lists:
                 yield get_batch(idx)
             return
         workers = self._num_workers()
+        # Image files: every view is cut from the original image in the workers (or, with
+        # nvJPEG, from the full decode on the device), boxes a pure function of the seed,
+        # the epoch and the sample.
+        source: Any = (
+            JpegBytesDataset(self.dataset)  # type: ignore[arg-type]
+            if self.decoder
+            else CropDataset(self.dataset, self._crop_plan(), epoch)
+        )
         loader = DataLoader(
-            JpegBytesDataset(self.dataset) if self.decoder else self.dataset,  # type: ignore[arg-type]
+            source,
             batch_sampler=[i.tolist() for i in index_lists],
             num_workers=workers,
-            collate_fn=collate_jpeg if self.decoder else None,
+            collate_fn=collate_jpeg if self.decoder else collate_crops,
             pin_memory=self._cuda and self.decoder is None,
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
@@ -680,6 +697,11 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.run.trainer.seed + epoch),
         )
         yield from loader
+
+    def _crop_plan(self) -> CropPlan:
+        """The training crops of image files (plus the probe's evaluation square)."""
+        full = self.load_size if self.probe is not None else None
+        return CropPlan.of(self.method.views(), self.run.trainer.seed, full)
 
     def _next_batch(
         self, batches: Iterator[tuple[Tensor, Tensor, Tensor]]
@@ -711,7 +733,7 @@ class Trainer:
             self.step, self.step // self.steps_per_epoch, self.total_steps, self.steps_per_epoch
         )
         nb = self._cuda  # non_blocking only means something for pinned host memory
-        images = images.to(self.device, non_blocking=nb)
+        images = to_device(images, self.device, non_blocking=nb)  # a Tensor or Crops
         views = self.views(images, generator=self.aug_gen)
         if self._channels_last():
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -743,7 +765,9 @@ class Trainer:
         self.optimizer.step()
         self.method.after_optimizer_step(info)
         if self.probe is not None:
-            self._probe_step(images, batch.labels)  # type: ignore[arg-type]
+            full = images.full if isinstance(images, Crops) else images
+            assert full is not None  # the crop plan asks for it when the probe is on
+            self._probe_step(full, batch.labels)  # type: ignore[arg-type]
         return out, True
 
     def _clip_gradients(self) -> Tensor | None:

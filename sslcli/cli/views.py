@@ -1,0 +1,46 @@
+"""``ssl views METHOD --out grid.png|DIR``: parse flags, call :func:`sslcli.preview.write_views`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sslcli.cli.console import out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("views")(views)
+
+
+def views(
+    method: str = typer.Argument(None, help="Method name ('ssl methods'); or from --config."),
+    out_path: Path = typer.Option(
+        ..., "--out", "-o", help="grid.png, or a directory for one PNG per view."
+    ),
+    data: str = typer.Option(None, "--data", "-d", help="'digits', DIR or format:DIR."),
+    backbone: str = typer.Option(None, "--backbone", "-b", help="Alias or timm model name."),
+    image_size: int = typer.Option(None, "--image-size"),
+    config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
+    sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
+    n: int = typer.Option(8, "--n", help="Number of source images (rows)."),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of the data order and augmentations (default: the run's)."
+    ),
+) -> None:
+    """Write the views 'ssl train' would make from N images, with the same settings."""
+    from sslcli import api
+    from sslcli.config import set_dotted
+    from sslcli.preview import write_views
+
+    flags: dict[str, Any] = {}
+    pairs = {"data.dataset": data, "backbone.name": backbone, "data.image_size": image_size}
+    for key, value in pairs.items():
+        if value is not None:
+            set_dotted(flags, key, value)
+    _, run, _ = api.resolve_config(method, config=config, overrides=flags, sets=sets or [])
+    seed = run.trainer.seed if seed is None else seed
+    written = write_views(run, out_path, n=n, seed=seed)
+    where = out_path if len(written) == 1 else f"{len(written)} pictures in {out_path}"
+    out.print(f"wrote {where}")
