@@ -184,6 +184,14 @@ class RunConfig(_Section):
         opts = d.pop("method_options")
         return {**d, "method": {"name": self.method, **opts}}
 
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The inverse of :meth:`to_json_dict`: a run's ``config.json`` as a RunConfig."""
+        d = dict(d)
+        opts = dict(d.pop("method", None) or {})
+        name = opts.pop("name", "")
+        return cls(method=name, method_config=opts, **d)
+
 
 SECTIONS = ("data", "backbone", "optim", "schedule", "trainer")
 

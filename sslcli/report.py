@@ -337,15 +337,18 @@ def _evals_section(s: RunSummary) -> str:
 
 
 def _views_section(run_config: dict[str, Any]) -> str:
-    """The grid of training views (``ssl views``), when that preview is available."""
+    """The grid of training views (as ``ssl views`` draws them) for the run's own settings
+    and seed; a note instead when the run's data cannot be read any more."""
+    from pydantic import ValidationError
+
+    from sslcli.config import RunConfig
+    from sslcli.preview import views_grid_png
+
     try:
-        from sslcli.data.preview import views_grid_png  # type: ignore[import-not-found]
-    except ImportError:
-        return _note("views preview unavailable")
-    try:
-        png = views_grid_png(run_config, n=8, seed=0)
-    except SSLError as e:
-        return _note(f"views preview unavailable: {e}")
+        run = RunConfig.from_json_dict(run_config)
+        png = views_grid_png(run, n=8, seed=run.trainer.seed)
+    except (SSLError, ValidationError) as e:
+        return _note(f"views preview unavailable: {str(e).splitlines()[0]}")
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     return f'<div class="views"><img src="{uri}" alt="views the run trained on"></div>'
 

@@ -13,7 +13,6 @@ import select
 import shutil
 import subprocess
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -291,7 +290,7 @@ def test_report_has_every_section_with_its_content(report_html: Path, run_dir: P
     assert curves.count("<polyline") >= 3  # loss, lr, emb_std logged every 2 steps
     evals = _section(html, "evaluations")
     assert "knn" in evals and "k=20" in evals
-    assert "views preview unavailable" in _section(html, "views")
+    assert _section(html, "views").count("data:image/png;base64,") == 1
     nn = _section(html, "neighbours")
     assert nn.count('class="query') == 8
     assert nn.count("data:image/png;base64,") == 8 * 9
@@ -323,7 +322,11 @@ def test_report_tsne_and_bad_options(
     assert code == 2 and _one_error(err, "not a run directory"), err
 
 
-def test_views_section_embeds_the_preview_when_available(monkeypatch: Any) -> None:
+def test_views_section_draws_the_runs_views_with_its_seed(
+    monkeypatch: Any, run_dir: Path
+) -> None:
+    import sslcli.preview
+    from sslcli.config import RunConfig
     from sslcli.report import _views_section
 
     png = base64.b64decode(
@@ -331,15 +334,17 @@ def test_views_section_embeds_the_preview_when_available(monkeypatch: Any) -> No
     )
     seen: dict[str, Any] = {}
 
-    def views_grid_png(config: dict[str, Any], n: int = 8, seed: int = 0) -> bytes:
+    def views_grid_png(config: RunConfig, n: int = 8, seed: int = 0) -> bytes:
         seen.update(config=config, n=n, seed=seed)
         return png
 
-    fake = types.ModuleType("sslcli.data.preview")
-    fake.views_grid_png = views_grid_png  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "sslcli.data.preview", fake)
-    html = _views_section({"method": {"name": "simclr"}})
-    assert base64.b64encode(png).decode() in html and seen["n"] == 8
+    monkeypatch.setattr(sslcli.preview, "views_grid_png", views_grid_png)
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["trainer"]["seed"] = 7
+    html = _views_section(saved)
+    assert base64.b64encode(png).decode() in html
+    assert seen["n"] == 8 and seen["seed"] == 7
+    assert seen["config"].to_json_dict() == saved  # the run's settings, round-tripped
 
 
 def test_compare_report_puts_runs_side_by_side(
