@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except SSLError as e:
         if show_tb:
             raise
-        if e.exit_code in (130, 143):
+        if e.exit_code >= 128:
             # An orderly stop after a checkpoint is not an error; say how to go on.
             print(f"ssl: {e}", file=sys.stderr)
         else:
