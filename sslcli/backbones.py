@@ -46,6 +46,8 @@ FILE_SAFE_KWARGS: frozenset[str] = frozenset({
     # ResNets and their relatives (SK-ResNet, ResNeXt)
     "zero_init_last", "stem_type", "stem_width", "avg_down", "block_args", "cardinality",
     "base_width", "down_kernel_size", "output_stride", "layers", "channels",
+    # layer types by timm's registered names (CPC's "groupnorm1"), never a path
+    "norm_layer", "act_layer",
     # regularisation (training only)
     "drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate",
     "pos_drop_rate", "patch_drop_rate",

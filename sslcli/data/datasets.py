@@ -357,8 +357,8 @@ class FileImageDataset(ImageDataset):
         if bad > self.max_bad_fraction * self.total_files:
             raise TooManyBadImagesError(
                 f"at least {bad} of {self.total_files} images in {self.name} ({self.split}) "
-                f"are unreadable (files are checked as they are read; more may follow), "
-                f"more than max_bad_fraction={self.max_bad_fraction:g}; "
+                f"are unreadable, more than max_bad_fraction={self.max_bad_fraction:g} "
+                f"(a file's body is checked only when it is read, so more may follow); "
                 f"fix or remove them, or raise data.max_bad_fraction"
             )
 
