@@ -265,3 +265,17 @@ def test_really_full_disk_export_is_one_line(
     rc = main(["export", str(run), "--out", str(tmpfs / "exp")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "No space left" in err[-1]
+
+
+def test_full_disk_for_the_feature_cache_still_evaluates(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*_: Any, **__: Any) -> None:  # how safetensors reports ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert main(["eval", "knn", str(run_copy), "--no-record", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["knn"]
