@@ -920,7 +920,8 @@ class Trainer:
         in one line."""
         from sslcli.fsutil import WriteError, reason
 
-        if self._last_saved_step != self.step:
+        # (Alone only: under torchrun a checkpoint is a collective the others are not in.)
+        if self._last_saved_step != self.step and dist.world_size() == 1:
             try:
                 self.save_checkpoint()
             except CheckpointError:
