@@ -155,6 +155,8 @@ def test_resume_without_last_uses_the_newest_step_file(run_copy: Path) -> None:
 def test_non_finite_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="optim.lr"):
         api.resolve_config("simclr", sets=["optim.lr=.inf"])
+    with pytest.raises(ConfigError, match="method.temperature"):
+        api.resolve_config("simclr", sets=["method.temperature=.nan"])
 
 
 def test_non_finite_weights_are_never_saved(
