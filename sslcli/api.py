@@ -38,6 +38,7 @@ def resolve_config(
     """
     layers: list[dict[str, Any]] = []
     if resume is not None:
+        _check_resume_target(Path(resume))
         run_json = _run_config_path(Path(resume))
         if run_json is not None:
             layers.append(cfg.load_run_config(run_json))
@@ -45,7 +46,17 @@ def resolve_config(
             # A bare checkpoint file carries its resolved config in its metadata.
             from sslcli.engine import checkpoint as ckpt
 
-            layers.append(ckpt.read_meta(Path(resume))["config"])
+            saved = ckpt.read_meta(ckpt.resolve(Path(resume))).get("config")
+            if not isinstance(saved, dict):
+                raise ConfigError([f"cannot resume {resume}: its checkpoint holds no run config"])
+            layers.append(saved)
+        trained = cfg.method_name_of(layers[0])
+        if method and trained and method != trained:
+            # Said first: otherwise the other method's options would be reported one by one.
+            raise ConfigError(
+                [f"cannot resume {resume} as {method}: this run was trained with {trained} "
+                 f"(ssl train {trained} --resume {resume}, or start a new run)"]
+            )  # fmt: skip
     if config is not None:
         layers.append(cfg.read_recipe(config))
     if overrides:
@@ -64,14 +75,33 @@ def resolve_config(
     return method_cls, run, mcfg
 
 
+def _check_resume_target(resume: Path) -> None:
+    from sslcli.engine.rundir import is_export_dir
+
+    if not resume.exists():
+        raise ConfigError([f"--resume {resume}: no such run directory or checkpoint"])
+    d = resume if resume.is_dir() else resume.parent
+    if is_export_dir(d):
+        raise ConfigError(
+            [f"--resume {resume}: this is an exported model (ssl export), not a run; "
+             "resume needs a run directory or a checkpoint file"]
+        )  # fmt: skip
+
+
 def _run_config_path(resume: Path) -> Path | None:
-    for cand in (
-        resume / "config.json",
-        resume.parent / "config.json",
-        resume.parent.parent / "config.json",
-    ):
-        if cand.is_file():
-            return cand
+    """The config.json of the run ``resume`` names: the directory's own (never a parent's:
+    a run directory without one is not inside another run), or, for a checkpoint file, that
+    of the run directory it lies in."""
+    from sslcli.engine.rundir import is_run_dir
+
+    if resume.is_dir():
+        cands = [resume] if resume.name != "checkpoints" else [resume.parent]
+    else:
+        up = resume.parent
+        cands = [up.parent] if up.name == "checkpoints" else [up]
+    for d in cands:
+        if (d / "config.json").is_file() and is_run_dir(d):
+            return d / "config.json"
     return None
 
 
@@ -83,10 +113,12 @@ def train(
     sets: list[str] | None = None,
     resume: str | Path | None = None,
     console: Any = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train ``method``; see :class:`sslcli.config.RunConfig` for the override sections.
 
-    Example: ``train("simclr", overrides={"trainer": {"epochs": 1}})``.
+    Example: ``train("simclr", overrides={"trainer": {"epochs": 1}})``. ``force`` lets a
+    new run take over a directory that holds another run (whose files are removed first).
     """
     method_cls, run, mcfg = resolve_config(
         method, config=config, overrides=overrides, sets=sets, resume=resume
@@ -100,7 +132,7 @@ def train(
             run.trainer.out = str(
                 resume_path if resume_path.is_dir() else resume_path.parent.parent
             )
-    trainer = Trainer(run, method_cls, mcfg, resume=resume_path, console=console)
+    trainer = Trainer(run, method_cls, mcfg, resume=resume_path, console=console, force=force)
     return trainer.fit()
 
 

@@ -31,6 +31,28 @@ ALIASES: dict[str, str] = {
     "vit-l": "vit_large_patch16_224",
 }
 
+# Constructor arguments that may come from a file (a recipe, a run's config.json, a
+# checkpoint's or an export's metadata). Only shapes of the network: never an argument
+# that makes timm open a file or contact a hub (checkpoint_path, pretrained_cfg,
+# pretrained_cfg_overlay, file, ...), whatever a file says. Extend it here, in one place.
+FILE_SAFE_KWARGS: frozenset[str] = frozenset({
+    # input and output
+    "in_chans", "num_classes", "global_pool", "img_size", "dynamic_img_size",
+    "dynamic_img_pad",
+    # Vision Transformers
+    "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
+    "class_token", "reg_tokens", "no_embed_class", "pos_embed", "init_values", "fc_norm",
+    "pre_norm", "final_norm", "use_fc_norm",
+    # ResNets and their relatives (SK-ResNet, ResNeXt)
+    "zero_init_last", "stem_type", "stem_width", "avg_down", "block_args", "cardinality",
+    "base_width", "down_kernel_size", "output_stride", "layers", "channels",
+    # layer types by timm's registered names (CPC's "groupnorm1"), never a path
+    "norm_layer", "act_layer",
+    # regularisation (training only)
+    "drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate",
+    "pos_drop_rate", "patch_drop_rate",
+})  # fmt: skip
+
 SMALL_IMAGE_MAX = 64
 VIT_PREFIXES = ("vit_", "deit", "test_vit")
 """Images up to this side get the small-image stem (convnets) or a small patch size (ViTs)."""
@@ -60,8 +82,13 @@ class BackboneSpec:
         kwargs = {**self.kwargs, **overrides}
         try:
             model = timm.create_model(self.timm_name, pretrained=False, num_classes=0, **kwargs)
-        except TypeError as e:
-            raise BackboneError(f"backbone {self.alias!r} does not accept {kwargs}: {e}") from e
+        except (TypeError, ValueError, AssertionError, KeyError, IndexError, RuntimeError) as e:
+            # A bad value (depth="x", num_heads that does not divide embed_dim, ...) fails
+            # deep inside the constructor; it is still the user's kwargs that are wrong.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BackboneError(
+                f"backbone {self.alias!r} cannot be built with {kwargs}: {first}"
+            ) from e
         if self.small_stem:
             _small_stem(model, kwargs.get("in_chans", 3))
         model.sslcli_spec = self  # type: ignore[assignment]
@@ -77,6 +104,47 @@ def resolve_name(name: str) -> str:
     raise BackboneError(
         f"unknown backbone {name!r}{suggest(name, list(ALIASES) + timm.list_models())}; "
         "run 'ssl backbones' for the aliases, or give any timm model name"
+    )
+
+
+def check_kwargs(kwargs: object, source: str = "backbone.kwargs") -> dict[str, Any]:
+    """``kwargs`` if every key is in :data:`FILE_SAFE_KWARGS`, else a one-line error."""
+    if not isinstance(kwargs, dict):
+        raise BackboneError(f"{source}: expected a mapping of argument names to values")
+    bad = sorted(str(k) for k in kwargs if k not in FILE_SAFE_KWARGS)
+    if bad:
+        raise BackboneError(
+            f"{source}: {', '.join(repr(k) for k in bad)} may not be set from a file or "
+            f"the command line (allowed: {', '.join(sorted(FILE_SAFE_KWARGS))})"
+        )
+    return dict(kwargs)
+
+
+def spec_from_meta(meta: object, source: str) -> BackboneSpec:
+    """A :class:`BackboneSpec` from untrusted metadata (a checkpoint's ``backbone``
+    block), validated as user input is: the name through :func:`resolve_name` (so no
+    ``hf-hub:`` or ``local-dir:`` model is ever built), the kwargs through the allow-list."""
+    if not isinstance(meta, dict):
+        raise BackboneError(f"{source}: the backbone metadata is not a mapping")
+    name = meta.get("timm_name")
+    if not isinstance(name, str):
+        raise BackboneError(f"{source}: the backbone metadata names no timm model")
+    try:
+        timm_name = resolve_name(name)
+        size = int(meta["image_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BackboneError(f"{source}: bad backbone metadata ({type(e).__name__}: {e})") from e
+    except BackboneError as e:
+        raise BackboneError(f"{source}: {e}") from e
+    if not 1 <= size <= 4096:
+        raise BackboneError(f"{source}: bad backbone image_size {size}")
+    alias = meta.get("alias", timm_name)
+    return BackboneSpec(
+        alias=alias if isinstance(alias, str) else timm_name,
+        timm_name=timm_name,
+        image_size=size,
+        small_stem=bool(meta.get("small_stem", False)),
+        kwargs=check_kwargs(meta.get("kwargs") or {}, f"{source}: backbone kwargs"),
     )
 
 

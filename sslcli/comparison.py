@@ -90,11 +90,16 @@ def _records(path: Path) -> list[dict[str, Any]]:
     out = []
     if not path.is_file():
         return out
-    for line in path.read_text().splitlines():
+    try:
+        # Bytes, not text: a line damaged into invalid UTF-8 is skipped like a cut one.
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise TargetError(f"cannot read {path}: {e.strerror or e}") from e
+    for line in lines:
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
+            rec = json.loads(line.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a line cut by a crash, or damaged
         if isinstance(rec, dict):
             out.append(rec)
     return out
@@ -112,10 +117,18 @@ def read_run(run_dir: str | Path) -> RunSummary:
         raise TargetError(f"run directory not found: {d}")
     if not cfg_path.is_file():
         raise TargetError(f"{d} is not a run directory (no config.json)")
+    from sslcli.engine.rundir import is_export_dir
+
+    if is_export_dir(d):
+        raise TargetError(
+            f"{d} is an exported model (ssl export), not a run: compare the run it came from"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TargetError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise TargetError(f"{cfg_path} does not hold a run config")
     m = cfg.get("method")
     method = m.get("name") if isinstance(m, dict) else (m if isinstance(m, str) else "?")
     data_cfg = cfg.get("data", {})
@@ -218,7 +231,11 @@ def _apply_evals(s: RunSummary) -> None:
 def find_runs(root: Path = RUNS_DIR) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    from sslcli.engine.rundir import is_export_dir
+
+    return sorted(
+        p for p in root.iterdir() if (p / "config.json").is_file() and not is_export_dir(p)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

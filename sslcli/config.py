@@ -14,13 +14,21 @@ from typing import Any, Literal
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sslcli.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never meaningful settings (lr=inf trains a run of NaN weights).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -61,8 +69,25 @@ class BackboneConfig(_Section):
     )
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth (ViTs).")
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (architecture "
+        "arguments only: sslcli.backbones.FILE_SAFE_KWARGS).",
     )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _safe_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Configs come from files too (recipes, a run's config.json): no argument that
+        # makes timm open a file may pass.
+        from sslcli.backbones import FILE_SAFE_KWARGS
+
+        bad = sorted(str(k) for k in v if k not in FILE_SAFE_KWARGS)
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)} not allowed (architecture arguments only: "
+                f"{', '.join(sorted(FILE_SAFE_KWARGS))})"
+            )
+        return v
 
 
 class OptimConfig(_Section):
@@ -119,7 +144,7 @@ class TrainerConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="0 .. 2**32-1.")
     out: str | None = Field(None, description="Run directory (default runs/<method>-<time>).")
     log_every: int = Field(10, ge=1, description="Steps between logged lines (host syncs).")
     keep_checkpoints: int = Field(2, ge=1, description="Recent epoch checkpoints kept.")
@@ -168,7 +193,9 @@ class RunConfig(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     method_options: dict[str, Any] = Field(default_factory=dict, alias="method_config")
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -343,9 +370,18 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
 
 
 def save_json(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+    """Written atomically: a full disk leaves the previous file, never an empty one."""
+    from sslcli.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2) + "\n")
 
 
 def load_run_config(path: Path) -> dict[str, Any]:
     """The resolved config of a run directory, as a recipe layer."""
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"cannot read the run config {path}: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path} does not hold a run config (a JSON object)"])
+    return data

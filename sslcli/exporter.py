@@ -258,12 +258,18 @@ Inputs: {size}x{size} pixels, scaled to [0, 1], minus mean {mean}, divided by st
 
 
 def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from sslcli.fsutil import WriteError, reason
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        # safetensors reports a full disk as SafetensorError, not OSError
+        raise WriteError(f"cannot write {path}: {reason(e)}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -286,9 +292,14 @@ def export(
     which = which or t.default_which
     encoder = t.candidates[which]
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TargetError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    from sslcli.engine.rundir import check_export_out
+    from sslcli.fsutil import WriteError, atomic_write_text, reason
+
+    check_export_out(out)  # never into a run directory (its config.json is the run's)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create --out {out}: {reason(e)}") from e
 
     cfg = timm_config(encoder, t, which)
     files = [out / EXPORT_WEIGHTS, out / EXPORT_CONFIG]
@@ -309,7 +320,7 @@ def export(
         _write_safetensors(encoder_state(other), path, {"format": "pt"})
         files.append(path)
     _write_safetensors(encoder_state(encoder), files[0], {"format": "pt"})
-    (out / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(out / EXPORT_CONFIG, json.dumps(cfg, indent=2) + "\n")
     notes = []
     small = cfg["sslcli"]["small_stem"] is not None
     grid = cfg["sslcli"].get("patch_grid")
@@ -352,7 +363,7 @@ def export(
         pc = cfg["pretrained_cfg"]
         size, mean, std = pc["input_size"][-1], pc["mean"], pc["std"]
         sections.append(_INPUT_README.format(size=size, mean=mean, std=std))
-        readme.write_text("".join(sections))
+        atomic_write_text(readme, "".join(sections))
         files.append(readme)
     if with_heads:
         if t.method is None:
@@ -396,8 +407,22 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
     from torch import nn as _nn
 
     def build(desc: dict, weights: _Path) -> _nn.Module:  # type: ignore[type-arg]
+        # config.json is untrusted: a model name with a hub/path prefix or an argument that
+        # names a file would make timm fetch or open something the directory did not ship.
+        arch = desc["architecture"]
+        if not isinstance(arch, str) or ":" in arch or arch not in timm.list_models():
+            raise ValueError(f"{d}: unknown or non-local architecture {arch!r}")
         args = dict(desc.get("model_args") or {})
-        model = timm.create_model(desc["architecture"], pretrained=False, num_classes=0, **args)
+        try:
+            from sslcli.backbones import FILE_SAFE_KWARGS as allowed
+        except ImportError:  # copied without sslcli: refuse what names files or hubs
+            allowed = None
+        risky = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "file",
+                 "url", "hf_hub_id", "hf_hub_filename", "cache_dir", "pretrained"}  # fmt: skip
+        bad = [k for k in args if (k not in allowed if allowed is not None else k in risky)]
+        if bad:
+            raise ValueError(f"{d}: model_args {bad} may not come from a file")
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **args)
         stem = (desc.get("sslcli") or {}).get("small_stem")
         if stem:
             conv = _nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
@@ -414,7 +439,16 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
     model = build(cfg, d / "model.safetensors")
     pair = (cfg.get("sslcli") or {}).get("paired_views")
     if pair:
-        companion = build(pair["companion"], d / pair["companion"]["file"])
+        name = pair["companion"]["file"]
+        # Only a file of this directory: never ../x or an absolute path from config.json.
+        if (
+            not isinstance(name, str)
+            or _Path(name).name != name
+            or name in ("", ".", "..")
+            or (d / name).resolve().parent != d.resolve()
+        ):
+            raise ValueError(f"{d}: companion weight file {name!r} is not a file of {d}")
+        companion = build(pair["companion"], d / name)
         try:
             from sslcli.nn.colorspace import luma_chroma_views
         except ImportError as e:

@@ -215,12 +215,17 @@ def load_checkpoint_target(path: Path) -> Target:
     if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         raise TargetError(f"run {path} has no checkpoint yet (no checkpoints/ directory)")
     try:
-        file = ckpt.resolve(path)
+        # A run directory whose last.safetensors is damaged falls back to the newest step
+        # file that verifies (and says so); a named file must verify itself.
+        file, groups, meta = ckpt.find_resumable(path, _note)
+    except ckpt.CorruptCheckpoint:
+        raise
     except CheckpointError as e:
+        if "corrupt" in str(e) or "unusable" in str(e):
+            raise
         raise TargetError(
             f"{e} (expected a run directory, a checkpoint file or an exported directory)"
         ) from e
-    groups, meta = ckpt.load(file)
     method = rebuild_method(meta, groups.get("model", {}), source=file)
     run_dir = run_dir_of(file)
     kind: TargetKind = "run" if path.is_dir() and run_dir == path else "checkpoint"
@@ -253,7 +258,7 @@ def rebuild_method(
     """The plugin class, config and backbone of a checkpoint, with its weights loaded."""
     from sslcli import config as cfg
     from sslcli import registry
-    from sslcli.backbones import BackboneSpec
+    from sslcli.backbones import BackboneSpec, spec_from_meta
 
     config = meta.get("config")
     bmeta = meta.get("backbone")
@@ -265,14 +270,9 @@ def rebuild_method(
     method_cls = registry.load(name)
     _, mcfg = cfg.resolve(method_cls, [config])
     # The spec exactly as trained (not re-derived from the alias), so a changed alias table
-    # or default cannot silently rebuild a different network.
-    spec = BackboneSpec(
-        alias=str(bmeta.get("alias", bmeta["timm_name"])),
-        timm_name=str(bmeta["timm_name"]),
-        image_size=int(bmeta["image_size"]),
-        small_stem=bool(bmeta.get("small_stem", False)),
-        kwargs=dict(bmeta.get("kwargs", {})),
-    )
+    # or default cannot silently rebuild a different network; validated as user input is
+    # (the metadata is a file's word: no hub names, no file-opening arguments).
+    spec: BackboneSpec = spec_from_meta(bmeta, str(source))
     method = method_cls(mcfg, spec.build(), dataset_size=int(meta.get("dataset_size") or 0))
     state = strip_prefixes(state)
     own = method.state_dict()
@@ -301,13 +301,97 @@ def rebuild_method(
 # ---------------------------------------------------------------------------------------------
 
 
+def _note(msg: str) -> None:
+    import sys
+
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def check_export_config(cfg: Any, path: Path) -> dict[str, Any]:
+    """An export's config.json, validated as user input is (one line per problem): the
+    architecture through :func:`sslcli.backbones.resolve_name`, ``model_args`` through the
+    allow-list, file names inside the directory, field types through pydantic."""
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from sslcli.backbones import check_kwargs, resolve_name
+    from sslcli.config import format_validation_error
+    from sslcli.errors import BackboneError
+
+    class _Loose(BaseModel):
+        model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    class Pretrained(_Loose):
+        input_size: tuple[int, int, int] = (3, 224, 224)
+        mean: tuple[float, ...] = IMAGENET_MEAN
+        std: tuple[float, ...] = IMAGENET_STD
+
+    class Companion(_Loose):
+        which: str
+        file: str
+        architecture: str
+        model_args: dict[str, Any] = {}
+
+    class Paired(_Loose):
+        which: str
+        companion: Companion
+        color_space: str
+
+    class Extra(_Loose):
+        method: str | None = None
+        step: int | None = None
+        dataset: str | None = None
+        load_size: int | None = None
+        paired_views: Paired | None = None
+
+    class ExportConfig(_Loose):
+        architecture: str
+        model_args: dict[str, Any] = {}
+        pretrained_cfg: Pretrained = Pretrained()
+        sslcli: Extra = Extra()
+
+    if not isinstance(cfg, dict):
+        raise TargetError(f"{path / EXPORT_CONFIG}: not a JSON object")
+    try:
+        model = ExportConfig(**cfg)
+    except ValidationError as e:
+        raise TargetError(
+            f"{path / EXPORT_CONFIG}: {'; '.join(format_validation_error(e))}"
+        ) from e
+    try:
+        resolve_name(model.architecture)
+        check_kwargs(model.model_args, f"{path / EXPORT_CONFIG}: model_args")
+        pair = model.sslcli.paired_views
+        if pair is not None:
+            resolve_name(pair.companion.architecture)
+            check_kwargs(pair.companion.model_args, f"{path / EXPORT_CONFIG}: companion")
+    except BackboneError as e:
+        raise TargetError(f"cannot load exported model {path}: {e}") from e
+    if pair is not None:
+        name = pair.companion.file
+        inside = Path(name).name == name and name not in ("", ".", "..")
+        if not inside or (path / name).resolve().parent != path.resolve():
+            raise TargetError(
+                f"cannot load exported model {path}: its companion weight file {name!r} "
+                "is not a file of the directory"
+            )
+    return cfg
+
+
 def load_export(path: Path) -> Target:
+    from safetensors import SafetensorError
+
     from sslcli.exporter import load_timm
 
     try:
         cfg = json.loads((path / EXPORT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TargetError(f"cannot load exported model {path}: {e}") from e
+    cfg = check_export_config(cfg, path)
+    try:
         model = load_timm(path)
-    except (OSError, json.JSONDecodeError, RuntimeError, KeyError, ValueError) as e:
+    except (
+        OSError, RuntimeError, KeyError, ValueError, TypeError, AssertionError, SafetensorError
+    ) as e:  # fmt: skip
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TargetError(f"cannot load exported model {path}: {first}") from e
     model.eval()

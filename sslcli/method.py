@@ -20,9 +20,10 @@ from sslcli.data.views import ViewSpec
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's ``Config``: unknown keys are errors, defaults = official recipe."""
+    """Base of every method's ``Config``: unknown keys are errors, defaults = official recipe.
+    inf/nan are refused (no method option means anything at infinity)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Recipe(BaseModel):

@@ -6,6 +6,7 @@ code 2 (set SSLCLI_TRACEBACK=1 to see the traceback instead).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ssl`` console script; returns the exit code."""
     show_tb = os.environ.get("SSLCLI_TRACEBACK") not in (None, "", "0")
     try:
-        app(args=argv, prog_name="ssl", standalone_mode=False)
+        rc = app(args=argv, prog_name="ssl", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            # Typer turns a Ctrl-C it catches itself into a returned 130.
+            if rc == 130:
+                _err(f"interrupted; {_KEPT}")
+            return rc
     except _EXIT as e:
         return int(getattr(e, "exit_code", 0) or 0)
     except _ABORT:
@@ -79,16 +85,32 @@ def main(argv: list[str] | None = None) -> int:
     except SSLError as e:
         if show_tb:
             raise
-        if e.exit_code in (130, 143):
+        if e.exit_code >= 128:
             # An orderly stop after a checkpoint is not an error; say how to go on.
             print(f"ssl: {e}", file=sys.stderr)
         else:
             _err(str(e))
         return e.exit_code
     except KeyboardInterrupt:
-        _err("interrupted")
+        _err(f"interrupted; {_KEPT}")
         return 130
+    except OSError as e:
+        # The machine's doing, not a bug: a full disk, a quota, a read-only mount.
+        if show_tb or e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _err(f"{where}{e.strerror or e}")
+        return 2
     return 0
+
+
+# What an interrupted command leaves: every file sslcli writes is written atomically (or
+# appended line by line), so an interrupted command leaves the previous complete versions.
+_KEPT = "files already written are complete; nothing was half-written"
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO")
+    if hasattr(errno, n)
+)
 
 
 def run() -> None:

@@ -36,6 +36,11 @@ def train(
     skip_nonfinite: int = typer.Option(
         None, "--skip-nonfinite", help="Skip up to N steps whose loss is NaN/inf, then stop."
     ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Start a new run in an --out that holds another run (its files are removed).",
+    ),
 ) -> None:
     """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
     from sslcli import api
@@ -59,8 +64,9 @@ def train(
         if value is not None:
             set_dotted(flags, key, value)
     result = api.train(
-        method, config=config, overrides=flags, sets=sets or [], resume=resume, console=err
-    )
+        method, config=config, overrides=flags, sets=sets or [], resume=resume, console=err,
+        force=force,
+    )  # fmt: skip
     if result.rank != 0:
         return  # under torchrun, rank 0 reports for every process
     out.print(f"run directory: {result.run_dir}")

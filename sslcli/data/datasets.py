@@ -360,8 +360,9 @@ class FileImageDataset(ImageDataset):
     def _check_bad_count(self, bad: int) -> None:
         if bad > self.max_bad_fraction * self.total_files:
             raise TooManyBadImagesError(
-                f"{bad} of {self.total_files} images in {self.name} ({self.split}) are "
-                f"unreadable, more than max_bad_fraction={self.max_bad_fraction:g}; "
+                f"at least {bad} of {self.total_files} images in {self.name} ({self.split}) "
+                f"are unreadable, more than max_bad_fraction={self.max_bad_fraction:g} "
+                f"(a file's body is checked only when it is read, so more may follow); "
                 f"fix or remove them, or raise data.max_bad_fraction"
             )
 
@@ -559,8 +560,10 @@ def _scan_images(d: Path) -> Iterator[str]:
                 kept.append(n)
         dirnames[:] = kept
         for f in sorted(filenames):
-            if is_image_file(f):
-                yield os.path.join(dirpath, f)
+            path = os.path.join(dirpath, f)
+            # Regular files only: opening a FIFO (or a device) named x.jpg blocks forever.
+            if is_image_file(f) and os.path.isfile(path):
+                yield path
 
 
 def _has_image(d: Path) -> bool:
@@ -583,7 +586,7 @@ def _has_image(d: Path) -> bool:
                         if real not in seen:
                             seen.add(real)
                             subdirs.append(entry.path)
-                    elif is_image_file(entry.name):
+                    elif is_image_file(entry.name) and entry.is_file():
                         return True
         except OSError:
             continue

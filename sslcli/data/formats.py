@@ -421,6 +421,8 @@ def read_idx(root: Path, split: str) -> ArraySplit:
     dims, x = _read_idx_raw(x_path)
     if len(dims) != 3:
         raise DataError(f"IDX images must be 3-d (N, H, W), got {len(dims)}-d: {x_path}")
+    if dims[1] == 0 or dims[2] == 0:
+        raise DataError(f"IDX images of {dims[1]}x{dims[2]} pixels hold nothing: {x_path}")
     store = x if isinstance(x, MemmapStore) else MemoryStore(np.asarray(x)[:, None])
     ydims, y = _read_idx_raw(y_path)
     if len(ydims) != 1 or isinstance(y, MemmapStore):

@@ -49,7 +49,7 @@ from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits,
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
 from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
 from sslcli.engine import checkpoint as ckpt
-from sslcli.engine import schedules
+from sslcli.engine import rundir, schedules
 from sslcli.engine.optim import build_optimizer, default_param_groups, scaled_lr
 from sslcli.engine.runtime import (
     autocast,
@@ -78,7 +78,8 @@ CHECKPOINT_FORMAT = 2
 
 
 class Interrupted(SSLError):
-    """SIGINT/SIGTERM: the run stopped after a checkpoint; ``exit_code`` is 130 or 143."""
+    """SIGINT/SIGTERM/SIGUSR1: the run stopped after a checkpoint; ``exit_code`` is 130,
+    143 or 138 (128 + the signal number)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -132,20 +133,50 @@ def architecture_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return _diff(old, new, ARCH_FIELDS)
 
 
+# Slurm's pre-emption warning (sbatch --signal=USR1@90) and batch systems' stop signal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
+    (signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()
+)
+
+
 class _SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked between steps, so a step is never
+    cut."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalFlag:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in _STOP_SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread (e.g. a test runner thread)
                 pass
+        self._defer_worker_deaths()
         return self
+
+    def _defer_worker_deaths(self) -> None:
+        """A signal sent to the whole process group also kills the DataLoader workers, and
+        torch's SIGCHLD handler would raise "worker killed" anywhere in the main process,
+        even mid-update. Once a stop signal is in, a dead worker is expected: the handler
+        is then skipped and the loop stops at the step's end. (Python runs pending
+        handlers in signal-number order, so SIGINT/SIGUSR1/SIGTERM come before SIGCHLD.)"""
+        if not hasattr(signal, "SIGCHLD") or signal.SIGCHLD in self._old:
+            return
+        try:
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._set_SIGCHLD_handler()  # torch's, installed now, chained below
+            previous = signal.getsignal(signal.SIGCHLD)
+
+            def on_child(signum: int, frame: Any) -> None:
+                if self.signum is None and callable(previous):
+                    previous(signum, frame)
+
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, on_child)
+        except (ImportError, AttributeError, ValueError):  # other torch versions, threads
+            pass
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -157,6 +188,7 @@ class _SignalFlag:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
 
 
 def _worker_init(worker_id: int) -> None:
@@ -164,8 +196,11 @@ def _worker_init(worker_id: int) -> None:
     # the loader before the main process could write its checkpoint, and the main process
     # shuts its workers down itself. SIGTERM keeps its default action, because that is how
     # the loader (and multiprocessing at exit) stops a worker; a SIGTERM sent to the whole
-    # group is handled in Trainer._next_batch.
+    # group is handled in Trainer._next_batch. Slurm sends its pre-emption warning
+    # (--signal=USR1@T) to every process of the job step: it is the main process's to act on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _cpus_per_process() -> int:
@@ -193,6 +228,7 @@ class Trainer:
         *,
         resume: Path | None = None,
         console: Any = None,
+        force: bool = False,
     ) -> None:
         self.run = run
         self.method_cls = method_cls
@@ -207,13 +243,21 @@ class Trainer:
         # -- resume: refuse an incompatible config before building anything -----------------
         self.resume_path: Path | None = None
         self._resume_meta: dict[str, Any] | None = None
+        self._resume_loaded: tuple[dict[str, dict[str, Tensor]], dict[str, Any]] | None = None
         if resume is not None:
-            self.resume_path = ckpt.resolve(Path(resume))
-            self._resume_meta = ckpt.read_meta(self.resume_path)
+            # The newest checkpoint that verifies (a damaged last.safetensors falls back).
+            self.resume_path, groups, self._resume_meta = ckpt.find_resumable(
+                Path(resume), self._say
+            )
+            self._resume_loaded = (groups, self._resume_meta)
             self._check_resumable(self._resume_meta)
         seed_everything(t.seed + dist.rank())
         self.run_dir = self._pick_run_dir()
         t.out = str(self.run_dir)
+        self.force = force
+        self._run_lock: rundir.RunLock | None = None
+        if dist.is_main():  # refuse another run's or an export's directory before set-up
+            rundir.check_out(self.run_dir, run.method, resume=self._in_place(), force=force)
 
         # -- data ------------------------------------------------------------------------------
         d = run.data
@@ -332,7 +376,10 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        """Leave the process group this trainer joined (no-op otherwise)."""
+        """Leave the process group this trainer joined (no-op otherwise); unlock the run."""
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()  # type: ignore[union-attr]
+            self._run_lock = None
         if self._owns_process_group and dist.is_dist():
             import torch.distributed as tdist
 
@@ -353,6 +400,14 @@ class Trainer:
             run_dir = Path(t.out) if t.out else default_run_dir(self.run.method)
         # A timestamped default name could differ by a second between processes.
         return Path(dist.broadcast_object(str(run_dir)))
+
+    def _in_place(self) -> bool:
+        """Whether this run continues its checkpoint's own run directory."""
+        if self.resume_path is None:
+            return False
+        ck = self.resume_path
+        here = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
+        return here.resolve() == self.run_dir.resolve()
 
     def _check_resumable(self, meta: dict[str, Any]) -> None:
         old, new = meta.get("config", {}), self.run.to_json_dict()
@@ -540,7 +595,9 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        groups, meta = ckpt.load(path)
+        loaded, self._resume_loaded = self._resume_loaded, None
+        fresh = loaded is None or path != self.resume_path
+        groups, meta = ckpt.load(path) if fresh else loaded  # type: ignore[misc]
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(
                 f"{path} has checkpoint format {meta.get('format')}; this sslcli reads "
@@ -830,6 +887,11 @@ class Trainer:
         t = self.run.trainer
         if not dist.is_main() or not t.eval_knn or self.dataset.classes is None:
             return None
+        if len(self.dataset.classes) < 2:
+            # Every neighbour votes for the one class: 100% whatever the encoder learnt.
+            self._say(f"kNN skipped: {self.run.data.dataset} has a single class, so its "
+                      "accuracy would be 100% for any encoder")  # fmt: skip
+            return None
         if "test" not in available_splits(self.run.data.dataset):
             return None
         train: ImageDataset = self.dataset
@@ -861,8 +923,36 @@ class Trainer:
     def fit(self) -> TrainResult:
         try:
             return self._fit()
+        except KeyboardInterrupt:
+            # Ctrl-C outside the steps (the baseline kNN, start-up) or a second one while
+            # stopping: say what is kept, exit 130.
+            raise Interrupted(f"interrupted at step {self.step}; {self._kept()}", 130) from None
         finally:
             self.close()
+
+    def _kept(self) -> str:
+        last = self.run_dir / "checkpoints" / ckpt.LAST
+        if self._last_saved_step is None or not last.is_file():
+            return f"no checkpoint was written to {self.run_dir}"
+        return (
+            f"the last checkpoint is {last} (step {self._last_saved_step}); resume with: "
+            f"ssl train {self.run.method} --resume {self.run_dir}"
+        )
+
+    def _write_failed(self, e: OSError) -> None:
+        """A log line could not be written (a full disk): checkpoint if possible, then stop
+        in one line."""
+        from sslcli.fsutil import WriteError, reason
+
+        # (Alone only: under torchrun a checkpoint is a collective the others are not in.)
+        if self._last_saved_step != self.step and dist.world_size() == 1:
+            try:
+                self.save_checkpoint()
+            except CheckpointError:
+                pass
+        raise WriteError(
+            f"cannot write {self.run_dir / 'metrics.jsonl'}: {reason(e)}; {self._kept()}"
+        ) from e
 
     def _fit(self) -> TrainResult:
         t = self.run.trainer
@@ -878,6 +968,8 @@ class Trainer:
                 f"(epoch {self.step // spe}, batch {self.step % spe} of {spe})"
             )
         if main:
+            self._run_lock = rundir.claim(self.run_dir, self.run.method, resume=self._in_place(),
+                                          force=self.force, say=self._say)  # fmt: skip
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_json(self.run, self.run_dir / "config.json")
             if resumed:
@@ -892,6 +984,7 @@ class Trainer:
             self.stop_step,
             tensorboard_dir=tb_dir if main else None,
         )
+        log.on_error = self._write_failed
         if main:
             if self.step == 0:
                 log.write({"event": "start", "method": self.run.method,
@@ -1037,10 +1130,11 @@ class Trainer:
         # Every process waits for rank 0's checkpoint: a launcher that sees one process
         # exit may kill the others.
         dist.barrier()
-        code = 130 if signum == signal.SIGINT else 143
+        code = 130 if signum == signal.SIGINT else 128 + int(signum)
+        preempt = " (pre-emption warning: requeue the job)" if code not in (130, 143) else ""
         raise Interrupted(
-            f"interrupted by {_signal_name(signum)} at step {self.step}; checkpoint {path}; "
-            f"resume with: ssl train {self.run.method} --resume {self.run_dir}",
+            f"interrupted by {_signal_name(signum)}{preempt} at step {self.step}; checkpoint "
+            f"{path}; resume with: ssl train {self.run.method} --resume {self.run_dir}",
             code,
         )
 
@@ -1075,13 +1169,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # a line cut by a crash
         if not isinstance(rec, dict) or (rec.get("step") or 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    from sslcli.fsutil import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _peak_mem_mb(device: torch.device) -> float | None:
@@ -1111,6 +1205,8 @@ class Logger:
         self.console = console
         self.total = total
         self.last_loss: float | None = None
+        self.on_error: Any = None
+        """Called with the OSError when a line cannot be written (a full disk)."""
         self._f = open(path, "a") if path else None  # noqa: SIM115 - closed in __exit__
         self._progress: Any = None
         self._task: Any = None
@@ -1163,15 +1259,25 @@ class Logger:
         if self._progress is not None:
             self._progress.stop()
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the write that failed already said so
+                pass
         if self._tb is not None:
             self._tb.close()
 
     def write(self, rec: dict[str, Any]) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n")
-        self._f.flush()
+        try:
+            # One write of a whole line, flushed: a failure leaves at most a cut last line,
+            # which readers skip.
+            self._f.write(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n")
+            self._f.flush()
+        except OSError as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            raise
         if "loss" not in rec or rec["loss"] is None or "knn_top1" in rec:
             return
         self.last_loss = rec["loss"]

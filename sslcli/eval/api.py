@@ -78,6 +78,10 @@ def open_eval_data(
     test = open_dataset(data, "test", load_size, labelled_only=True)
     if train.classes is None or not bool((train.labels >= 0).any()):
         raise EvalError(f"{data} has no labelled training images")
+    if len(train.classes) < 2:
+        raise EvalError(
+            f"{data} has a single class: any encoder would score 100%, which measures nothing"
+        )
     return data, train, test
 
 
@@ -144,8 +148,9 @@ def append_event(run_dir: Path, record: dict[str, Any]) -> None:
             return [clean(x) for x in v]
         return v
 
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(clean({"event": "eval", **record})) + "\n")
+    from sslcli.fsutil import append_line
+
+    append_line(run_dir / "metrics.jsonl", json.dumps(clean({"event": "eval", **record})))
 
 
 def evaluate(

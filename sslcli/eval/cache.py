@@ -149,10 +149,13 @@ def features(
         )  # fmt: skip
     feats, labels = feats.float().contiguous(), labels.long().contiguous()
     if path is not None:
+        from safetensors import SafetensorError
+
         try:
             write_entry(path, key, feats, labels)
-        except OSError:
-            # A read-only run directory still evaluates; it just cannot remember.
+        except (OSError, SafetensorError):
+            # A read-only run directory (or a full disk: safetensors reports it as a
+            # SafetensorError) still evaluates; it just cannot remember.
             return CachedFeatures(feats, labels, "off", None)
         return CachedFeatures(feats, labels, "miss", path)
     return CachedFeatures(feats, labels, "off", None)
