@@ -141,6 +141,11 @@ class BYOL(Method):
     """
 
     name = "byol"
+    # Official code (deepmind-research byol/utils/networks.py): haiku's ResNet BlockV1,
+    # whose bottleneck blocks build their last BN with scale_init=jnp.zeros (γ = 0). Its
+    # configurations are all bottleneck ResNets (50 to 200); sslcli zeroes the last BN
+    # of basic blocks (ResNet-18/34) too, where haiku's block would not.
+    zero_init_last = True
     Config = BYOLConfig
     recipe = Recipe(
         optim={

@@ -267,8 +267,10 @@ class Trainer:
 
         # -- model -----------------------------------------------------------------------------
         b = run.backbone
+        # The method contributes its own architecture's arguments (initialisation, MoCo v3's
+        # 12-head ViT-S) through the factory, so the spec records what was built.
         self.backbone_spec = make_spec(
-            b.name, d.image_size, b.small_stem, b.drop_path_rate, b.kwargs
+            b.name, d.image_size, b.small_stem, b.drop_path_rate, b.kwargs, method=method_cls
         )
         backbone = self.backbone_spec.build()
         self.method: Method = method_cls(method_config, backbone, dataset_size=n)
