@@ -268,3 +268,29 @@ def test_ssl_backbones_lists_the_sk_resnets(
     assert "sk-resnet50-2x" in out and "140.3" in out and "4096" in out
     assert "skresnet50 *" in out and "SK-ResNets" in out  # marked as built with other args
     assert "23.5" in out  # resnet50
+
+
+def test_resume_refuses_a_backbone_an_older_version_built_otherwise(tmp_path: Path) -> None:
+    """A MoCo v3 ViT-S checkpoint from before the 12 heads (nothing recorded: timm's 6)
+    has the same parameter shapes; resuming it must not silently change the network."""
+    from sslcli.engine import checkpoint as ckpt
+    from sslcli.errors import ConfigError
+    from tests.test_eval import make_run
+
+    sets = ["backbone.kwargs.depth=1", "method.mlp_dim=32"]
+    run_dir = make_run(tmp_path / "run", "moco-v3", "vit-s", 32, sets=sets)
+    groups, meta = ckpt.load(ckpt.resolve(run_dir))
+    assert meta["backbone"]["kwargs"]["num_heads"] == 12
+    overrides = {
+        "backbone": {"name": "vit-s", "small_stem": None},
+        "data": {"image_size": 32},
+        "trainer": {"epochs": 1, "batch_size": 16, "eval_knn": False, "out": str(run_dir)},
+    }
+    cls, run, mcfg = api.resolve_config("moco-v3", overrides=overrides, sets=sets)
+    Trainer(run, cls, mcfg, resume=run_dir)  # the same backbone: accepted
+    del meta["backbone"]["kwargs"]["num_heads"]
+    meta["backbone"]["kwargs"].pop("zero_init_last", None)  # init-only: never compared
+    ckpt.save(run_dir / "checkpoints", int(meta["step"]) + 1, groups, meta, keep=2)
+    cls, run, mcfg = api.resolve_config("moco-v3", overrides=overrides, sets=sets)
+    with pytest.raises(ConfigError, match=r"num_heads \('unset' -> 12\)"):
+        Trainer(run, cls, mcfg, resume=run_dir)
