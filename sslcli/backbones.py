@@ -7,6 +7,7 @@ features), so its ``state_dict`` keys are timm's own and export needs no renamin
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -172,6 +173,18 @@ def accepts_zero_init_last(timm_name: str) -> bool:
     except (RuntimeError, KeyError):
         return False
     return module in ZERO_INIT_LAST_MODULES
+
+
+@functools.cache
+def has_bottleneck_blocks(timm_name: str) -> bool:
+    """Whether the timm model's residual blocks are bottlenecks (a third conv, ``conv3``),
+    told from a build on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    return any(
+        hasattr(m, "conv3") and callable(getattr(m, "zero_init_last", None))
+        for m in model.modules()
+    )
 
 
 def make_spec(

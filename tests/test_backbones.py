@@ -39,7 +39,7 @@ STARTS_AT_ZERO = {
     "dino": False,  # torchvision_models[arch]() default
     "simclr": True,  # resnet.py batch_norm_relu(..., init_zero=True)
     "simclr-v2": True,
-    "byol": True,  # haiku BlockV1: batchnorm_2 scale_init=jnp.zeros
+    "byol": True,  # haiku BlockV1: batchnorm_2 scale_init=jnp.zeros (bottlenecks)
     "simsiam": True,  # builder.py zero_init_residual=True
     "moco-v3": True,  # main_moco.py zero_init_residual=True
 }
@@ -84,6 +84,14 @@ def test_sk_resnet_blocks_follow_the_method_too() -> None:
     moco = make_spec("sk-resnet50-1x", 16, method=registry.load("moco-v2"))
     assert all(torch.all(w == 0) for w in last_norm_weights(v2.build()))
     assert all(torch.all(w == 1) for w in last_norm_weights(moco.build()))
+
+
+def test_byol_zeroes_bottleneck_blocks_only() -> None:
+    """haiku's BlockV1 (BYOL's ResNets) zeroes a bottleneck block's last BN, not a basic
+    block's: BYOL's ResNet-18 starts at γ = 1, its ResNet-50 at 0."""
+    byol = registry.load("byol")
+    assert make_spec("resnet18", 16, method=byol).kwargs["zero_init_last"] is False
+    assert make_spec("resnet50", 16, method=byol).kwargs["zero_init_last"] is True
 
 
 def test_trainer_builds_the_method_initialisation(tmp_path: Path) -> None:
