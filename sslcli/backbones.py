@@ -43,7 +43,6 @@ ALIASES: dict[str, str] = {
 }
 
 
-
 def sk_resnet_kwargs(depth: int, width: int) -> dict[str, Any]:
     """timm constructor arguments of SimCLR v2's SK-ResNet-``depth`` at ``width``x.
 
@@ -61,12 +60,13 @@ def sk_resnet_kwargs(depth: int, width: int) -> dict[str, Any]:
     - ResNet-D shortcuts (2x2 average pool with the block's stride, then a 1x1 conv):
       ``avg_down=True``;
     - every channel count times the width multiplier: ``channels=(64w, 128w, 256w, 512w)``.
-    Differences that remain, none of them a parameter: TF's 'SAME' padding of the
-    max-pool; in the first stage, whose shortcut has stride 1, the official code still
-    applies a 2x2 stride-1 average pool (timm's ``avg_down`` uses none there); and at 3x
-    width timm's rounding gives stage 3 64 instead of 48 attention channels (+1.3 M of
-    795 M parameters). Parameter counts (``ssl backbones``) match the paper's Table 1:
-    35 / 140 M (50, 1x / 2x), 65 / 257 M (101), 89 / 353 M (152), 796 M (152, 3x).
+    Differences that remain: two without parameters — TF's 'SAME' padding of the
+    max-pool, and in the first stage, whose shortcut has stride 1, the official code
+    still applies a 2x2 stride-1 average pool (timm's ``avg_down`` uses none there) —
+    and at 3x width timm's channel rounding gives stage 3 64 instead of 48 attention
+    channels (+1.3 M parameters). Parameter counts (``ssl backbones``) against the
+    paper's Table 1: 35.2 / 140.3 M (50, 1x / 2x; paper 35 / 140), 64.7 / 257.1 M (101;
+    65 / 257), 88.9 / 353.4 M (152; 89 / 354), 796.0 M (152, 3x; 795).
     """
     layers = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]
     return {
