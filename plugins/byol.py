@@ -15,13 +15,18 @@ detail; see :class:`BYOL`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sslcli.backbones import Backbone, feature_dim
+from sslcli.backbones import (
+    Backbone,
+    accepts_zero_init_last,
+    feature_dim,
+    has_bottleneck_blocks,
+)
 from sslcli.data.views import ViewSpec
 from sslcli.engine.schedules import cosine_increase
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
@@ -141,6 +146,10 @@ class BYOL(Method):
     """
 
     name = "byol"
+    # Official code (deepmind-research byol/utils/networks.py): haiku's ResNet BlockV1,
+    # whose bottleneck blocks build their last BN with scale_init=jnp.zeros (γ = 0); its
+    # basic blocks (ResNet-18/34) keep γ = 1, see backbone_kwargs.
+    zero_init_last = True
     Config = BYOLConfig
     recipe = Recipe(
         optim={
@@ -154,6 +163,14 @@ class BYOL(Method):
         },
         schedule={"kind": "cosine", "warmup_epochs": 10},
     )
+
+    @classmethod
+    def backbone_kwargs(cls, timm_name: str) -> dict[str, Any]:
+        """γ = 1 in basic-block ResNets: haiku's ``BlockV1`` (BYOL's ResNet18/34) gives only
+        a bottleneck block's last BN ``scale_init=jnp.zeros``."""
+        if accepts_zero_init_last(timm_name) and not has_bottleneck_blocks(timm_name):
+            return {"zero_init_last": False}
+        return {}
 
     def __init__(self, config: BYOLConfig, backbone: Backbone, dataset_size: int = 0) -> None:
         super().__init__(config, backbone, dataset_size)

@@ -93,6 +93,8 @@ class CMC(Method):
     """CMC: L and ab encoders, two memory banks, NCE of each view against the other's bank."""
 
     name = "cmc"
+    # Official code (HobbitLong/CMC, models/resnet.py): every BN weight filled with 1.
+    zero_init_last = False
     Config = CMCConfig
     needs_dataset_size = True
     # train_CMC.py: torch SGD over all parameters, lr 0.03, weight decay 1e-4, batch 128

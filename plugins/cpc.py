@@ -254,6 +254,9 @@ class CPC(Method):
     """CPC v2: patch grid, masked-conv context network, InfoNCE over the batch's patches."""
 
     name = "cpc"
+    # No official code, and neither paper zeroes a residual block's last normalisation:
+    # the plain initialisation (γ = 1), sslcli's choice.
+    zero_init_last = False
     Config = CPCConfig
     # The batch is sslcli's choice (the papers give none that maps onto one machine),
     # sized for a CPU: every prediction is scored against all 49·B patches of the batch,

@@ -225,6 +225,9 @@ class DINO(Method):
     """DINO: self-distillation of an EMA teacher into a student across multi-crop views."""
 
     name = "dino"
+    # Official code (facebookresearch/dino, main_dino.py): torchvision_models[arch]() with
+    # torchvision's default zero_init_residual=False (γ = 1) for its ResNets.
+    zero_init_last = False
     Config = DINOConfig
     recipe = Recipe(
         optim={

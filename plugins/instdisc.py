@@ -81,6 +81,9 @@ class InstDisc(Method):
     """InstDisc: memory bank of 128-d unit features, NCE with K uniform noise rows."""
 
     name = "instdisc"
+    # Official code (zhirongw/lemniscate.pytorch, models/resnet.py): every BN weight filled
+    # with 1 — no zeroed residual BN.
+    zero_init_last = False
     Config = InstDiscConfig
     needs_dataset_size = True
     # lemniscate main.py: torch SGD over all parameters, lr 0.03 at batch 256, no warm-up,

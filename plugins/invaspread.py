@@ -86,6 +86,9 @@ class InvaSpread(Method):
     """InvaSpread: two views per image, invariance to the partner and spreading in-batch."""
 
     name = "invaspread"
+    # Official code (mangye16/Unsupervised_Embedding_Learning): models/resnet.py fills every
+    # BN weight with 1; models/resnet_cifar.py keeps PyTorch's default (1).
+    zero_init_last = False
     Config = InvaSpreadConfig
     # demo_seen.py: torch SGD over all parameters, lr 0.03 at batch 128 (a fixed value, no
     # batch-size rule), weight decay 5e-4; its schedule only ever applies ×0.1 from epoch

@@ -155,6 +155,9 @@ class _MoCo(Method):
     """Shared MoCo v1/v2 implementation; the subclasses set defaults and augmentation."""
 
     Config: ClassVar[type[MethodConfig]] = MoCoConfig
+    # Official code (facebookresearch/moco, moco/builder.py): base_encoder(num_classes=dim),
+    # torchvision's default zero_init_residual=False (γ = 1).
+    zero_init_last: ClassVar[bool | None] = False
 
     def __init__(self, config: MoCoConfig, backbone: Backbone, dataset_size: int = 0) -> None:
         super().__init__(config, backbone, dataset_size)

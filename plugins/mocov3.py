@@ -13,6 +13,7 @@ see :class:`MoCoV3`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ class MoCoV3(Method):
     scaling and the keys gathered from all processes; projector/predictor widths
     4096/256, the projector 3 layers for ViTs and 2 for ResNets, the predictor 2 layers
     (with a final affine-free BN for ViTs only); ResNets with the last BN of each residual
-    block zero-initialised (timm's default); ViTs with the official weight
+    block zero-initialised (``zero_init_residual=True``); ViTs with the official weight
     initialisation, a fixed sin-cos position embedding and a frozen patch projection;
     BYOL's asymmetric augmentation (bilinear crops).
 
@@ -166,10 +167,15 @@ class MoCoV3(Method):
     that differ per backbone inside the method (temperature 0.2/1.0, projector depth 3/2,
     crop minimum 0.08/0.2) default to null and are resolved from
     ``backbone.sslcli_spec.is_vit``. The official ViT-S has 12 attention heads (timm's
-    ``vit_small`` has 6): the ViT-S recipe sets ``backbone.kwargs``.
+    ``vit_small`` has 6): :meth:`backbone_kwargs` asks the backbone factory for
+    ``num_heads=12``, so ``--backbone vit-s`` builds it, and checkpoints and exports
+    record it (plain timm rebuilds the same network from ``config.json``).
     """
 
     name = "moco-v3"
+    # Official code (facebookresearch/moco-v3, main_moco.py): torchvision ResNets built with
+    # zero_init_residual=True (γ = 0).
+    zero_init_last = True
     Config = MoCoV3Config
     recipe = Recipe(
         optim={
@@ -200,6 +206,16 @@ class MoCoV3(Method):
     @classmethod
     def recipe_for(cls, backbone: str) -> Recipe:
         return cls.recipe if is_vit_name(backbone) else cls.resnet_recipe
+
+    @classmethod
+    def backbone_kwargs(cls, timm_name: str) -> dict[str, Any]:
+        """The official ViT-Small: 12 attention heads of width 32 (official ``vits.py``:
+        ``vit_small``: patch 16, width 384, depth 12, ``num_heads=12``), where timm's
+        ``vit_small_*`` have 6. Everything else of ``vit_small`` / ``vit_base`` is timm's
+        default already (MLP ratio 4, qkv bias, LayerNorm eps 1e-6, a class token that is
+        the output); the initialisation, the sin-cos table and the frozen projection are
+        applied in ``__init__``."""
+        return {"num_heads": 12} if timm_name.startswith("vit_small_") else {}
 
     def __init__(self, config: MoCoV3Config, backbone: Backbone, dataset_size: int = 0) -> None:
         super().__init__(config, backbone, dataset_size)

@@ -96,6 +96,9 @@ class SimCLR(Method):
     """SimCLR v1: two views, MLP projection, NT-Xent over 2N-2 in-batch negatives."""
 
     name = "simclr"
+    # Official code (google-research/simclr, resnet.py, v1 and v2 alike): each block's
+    # last BN is batch_norm_relu(..., init_zero=True) (γ = 0).
+    zero_init_last = True
     Config = SimCLRConfig
     recipe = Recipe(
         optim={

@@ -75,17 +75,20 @@ class SimSiam(Method):
 
     Official-code details followed: each view is encoded separately (BN statistics per
     view); L = −½[cos(p₁, sg z₂) + cos(p₂, sg z₁)] (batch means); the encoder is built with
-    its last BN in each residual block zero-initialised (timm's default, torchvision's
-    ``zero_init_residual=True``); SGD lr 0.05 × B/256, momentum 0.9, weight decay 1e-4 on
-    every parameter (BN and biases included), cosine decay without warm-up, 100 epochs at
-    B 512; with ``fix_pred_lr`` the predictor is its own optimiser group whose learning
-    rate is never decayed; MoCo v2's augmentation.
+    its last BN in each residual block zero-initialised (torchvision's
+    ``zero_init_residual=True``, :attr:`zero_init_last`); SGD lr 0.05 × B/256, momentum
+    0.9, weight decay 1e-4 on every parameter (BN and biases included), cosine decay
+    without warm-up, 100 epochs at B 512; with ``fix_pred_lr`` the predictor is its own
+    optimiser group whose learning rate is never decayed; MoCo v2's augmentation.
 
     Difference: the official code sets the learning rate once per epoch; the engine's
     cosine is evaluated at every step (the same curve, sampled more finely).
     """
 
     name = "simsiam"
+    # Official code (facebookresearch/simsiam, simsiam/builder.py):
+    # base_encoder(num_classes=dim, zero_init_residual=True) (γ = 0).
+    zero_init_last = True
     Config = SimSiamConfig
     recipe = Recipe(
         optim={

@@ -220,6 +220,9 @@ class SwAV(Method):
     """SwAV: online clustering with Sinkhorn codes and swapped prediction across crops."""
 
     name = "swav"
+    # Official code (facebookresearch/swav, src/resnet50.py): zero_init_residual=False,
+    # and main_swav.py does not change it (γ = 1).
+    zero_init_last = False
     Config = SwAVConfig
     # Official batch-4096 recipe: LARS lr 4.8 (= 0.3 x 4096/256), cosine to 4.8e-3 after 10
     # warm-up epochs, weight decay 1e-6 on every parameter (LARC excludes nothing).

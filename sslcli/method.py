@@ -100,6 +100,14 @@ class Method(nn.Module, metaclass=ABCMeta):
     recipe: ClassVar[Recipe] = Recipe()
     needs_dataset_size: ClassVar[bool] = False
     """True for methods that keep one row per training image (memory banks)."""
+    zero_init_last: ClassVar[bool | None] = None
+    """How the method's official code initialises the last normalisation layer of each
+    residual block: True = γ starts at 0 (timm's ``zero_init_last``, torchvision's
+    ``zero_init_residual``), False = at 1 (the plain initialisation). The backbone
+    factory passes it to ResNet-family timm models (only those that take the argument);
+    a user's ``backbone.kwargs.zero_init_last`` wins. None (the default, for plugins that
+    do not say) keeps the model's own default: timm zeroes it for its ResNets, not for
+    its SK-ResNets. Built-ins state the value with the line of the official code."""
 
     def __init__(self, config: MethodConfig, backbone: Backbone, dataset_size: int = 0) -> None:
         super().__init__()
@@ -115,6 +123,22 @@ class Method(nn.Module, metaclass=ABCMeta):
         architecture (MoCo v3 and DINO: AdamW for ViTs, LARS / SGD for ResNets).
         """
         return cls.recipe
+
+    @classmethod
+    def backbone_kwargs(cls, timm_name: str) -> dict[str, Any]:
+        """timm constructor arguments the method's own architecture needs for the timm
+        model ``timm_name`` ({} by default).
+
+        For a network the official code builds differently from timm's registered model,
+        e.g. MoCo v3's ViT-Small with 12 attention heads (timm's has 6). The backbone
+        factory merges them below the user's ``backbone.kwargs``; they end up in the
+        backbone's spec, so checkpoints, ``--dry-run`` and exports (``config.json``
+        ``model_args``, which plain timm rebuilds from) show and keep them. Only what
+        timm's constructor takes belongs here; changes timm cannot express (a fixed
+        position embedding, a frozen layer) are made on the built backbone in
+        ``__init__`` and travel as weights.
+        """
+        return {}
 
     @classmethod
     def summary(cls) -> str:

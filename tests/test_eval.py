@@ -58,7 +58,9 @@ def make_run(
     }
     method_cls, run, mcfg = api.resolve_config(method, overrides=overrides, sets=sets or [])
     b = run.backbone
-    spec = make_spec(b.name, run.data.image_size, b.small_stem, b.drop_path_rate, b.kwargs)
+    spec = make_spec(
+        b.name, run.data.image_size, b.small_stem, b.drop_path_rate, b.kwargs, method=method_cls
+    )
     torch.manual_seed(seed)
     m = method_cls(mcfg, spec.build(), dataset_size=DIGITS_TRAIN)
     g = torch.Generator().manual_seed(seed + 1)

@@ -79,6 +79,16 @@ CASES = {
     "vit": ("simclr", "test_vit", 16, None, None, "local-dir"),  # img_size, patch 2, dynamic
     "byol-target": ("byol", "test_resnet", 32, False, "target_backbone", "local-dir"),
     "cifar-stem": ("simclr", "resnet18", 16, None, None, "load_timm"),  # 3x3 s1, no pool
+    # The method's own architecture (12 heads) and an alias's (SimCLR v2's SK-ResNet) are
+    # constructor arguments that config.json must carry for plain timm.
+    "moco-v3-vit-s": ("moco-v3", "vit-s", 32, None, None, "local-dir"),
+    "sk-resnet": ("simclr-v2", "sk-resnet50-1x", 32, False, None, "local-dir"),
+}
+# Fewer blocks (and narrower heads) than the real networks, to keep CPU time small: a user's
+# backbone.kwargs are merged over the method's and the alias's arguments, and recorded too.
+SETS = {
+    "moco-v3-vit-s": ["backbone.kwargs.depth=2", "method.mlp_dim=64"],
+    "sk-resnet": ["backbone.kwargs.layers=[1,1,1,1]", "method.proj_hidden_dim=64"],
 }
 
 
@@ -92,7 +102,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     for name, (method, backbone, size, small, which, how) in CASES.items():
         # Checkpoint keys as torch.compile leaves them: export must strip "_orig_mod".
         run = make_run(tmp / name, method, backbone, size, small_stem=small,
-                       state_prefix="backbone._orig_mod.")  # fmt: skip
+                       state_prefix="backbone._orig_mod.", sets=SETS.get(name))  # fmt: skip
         exp = tmp / f"{name}-export"
         argv = ["export", str(run), "--out", str(exp), "--json"]
         code = main(argv + (["--which", which] if which else []))
@@ -140,6 +150,34 @@ def test_exported_weights_are_bit_exact_under_timm_names(
     assert cfg["pretrained_cfg"]["input_size"] == [3, e["size"], e["size"]]
     assert cfg["num_features"] == e["encoder"].num_features
     assert cfg["sslcli"]["which"] == (e["which"] or ("backbone"))
+
+
+def test_constructor_arguments_of_method_and_alias_are_recorded(
+    exports: dict[str, dict[str, Any]],
+) -> None:
+    """config.json's model_args rebuild MoCo v3's 12-head ViT-S and SimCLR v2's SK-ResNet
+    (the features of plain timm are compared above); nothing else in the file is needed."""
+    import timm
+
+    from sslcli.backbones import ALIAS_KWARGS
+
+    vit = json.loads((exports["moco-v3-vit-s"]["export"] / "config.json").read_text())
+    assert vit["architecture"] == "vit_small_patch16_224"
+    assert vit["model_args"]["num_heads"] == 12
+    assert vit["model_args"]["depth"] == 2  # the user's argument, merged over the method's
+    sk = json.loads((exports["sk-resnet"]["export"] / "config.json").read_text())
+    assert sk["architecture"] == "skresnet50"
+    for k, v in ALIAS_KWARGS["sk-resnet50-1x"].items():
+        assert sk["model_args"][k] == ([1, 1, 1, 1] if k == "layers" else v), k
+    assert sk["model_args"]["zero_init_last"] is True  # SimCLR v2's initialisation
+    for cfg, case in ((vit, "moco-v3-vit-s"), (sk, "sk-resnet")):
+        model = timm.create_model(cfg["architecture"], num_classes=0, **cfg["model_args"])
+        ref = exports[case]["encoder"].state_dict()
+        assert {k: v.shape for k, v in model.state_dict().items()} == {
+            k: v.shape for k, v in ref.items()
+        }
+    heads = timm.create_model(vit["architecture"], num_classes=0, **vit["model_args"])
+    assert all(b.attn.num_heads == 12 for b in heads.blocks)  # not only the same shapes
 
 
 def test_small_stem_export_is_described_and_announced(

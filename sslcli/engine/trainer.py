@@ -128,6 +128,11 @@ def _diff(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...]) -> 
     ]
 
 
+# Backbone constructor arguments that only set the initial weights: a checkpoint's weights
+# replace them, so they may differ on resume.
+INIT_ONLY_ARGS = ("zero_init_last", "weight_init")
+
+
 def architecture_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of architecture fields that differ between two resolved configs."""
     return _diff(old, new, ARCH_FIELDS)
@@ -313,9 +318,13 @@ class Trainer:
 
         # -- model -----------------------------------------------------------------------------
         b = run.backbone
+        # The method contributes its own architecture's arguments (initialisation, MoCo v3's
+        # 12-head ViT-S) through the factory, so the spec records what was built.
         self.backbone_spec = make_spec(
-            b.name, d.image_size, b.small_stem, b.drop_path_rate, b.kwargs
+            b.name, d.image_size, b.small_stem, b.drop_path_rate, b.kwargs, method=method_cls
         )
+        if self._resume_meta is not None:
+            self._check_same_backbone(self._resume_meta)
         backbone = self.backbone_spec.build()
         self.method: Method = method_cls(method_config, backbone, dataset_size=n)
         if world > 1 and self.run.trainer.sync_bn:
@@ -408,6 +417,31 @@ class Trainer:
         ck = self.resume_path
         here = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
         return here.resolve() == self.run_dir.resolve()
+
+    def _check_same_backbone(self, meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose backbone was built with other constructor arguments
+        than the one built now (e.g. the 12 heads a newer sslcli gives MoCo v3's ViT-S):
+        the parameter shapes can be the same, so loading would not notice."""
+        saved = meta.get("backbone")
+        if not isinstance(saved, dict):
+            return
+        old = {k: v for k, v in dict(saved.get("kwargs") or {}).items() if k not in INIT_ONLY_ARGS}
+        new = {k: v for k, v in self.backbone_spec.kwargs.items() if k not in INIT_ONLY_ARGS}
+        # Through JSON, as the checkpoint stored them (tuples become lists).
+        new = json.loads(json.dumps(new))
+        diff = [
+            f"{k} ({old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r})"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+        if saved.get("timm_name", self.backbone_spec.timm_name) != self.backbone_spec.timm_name:
+            diff.insert(0, f"model ({saved['timm_name']!r} -> {self.backbone_spec.timm_name!r})")
+        if diff:
+            raise ConfigError(
+                [f"cannot resume {self.resume_path}: this sslcli builds its backbone with "
+                 f"other arguments: {', '.join(diff)}; continue it with the sslcli version "
+                 "that started it"]
+            )  # fmt: skip
 
     def _check_resumable(self, meta: dict[str, Any]) -> None:
         old, new = meta.get("config", {}), self.run.to_json_dict()
