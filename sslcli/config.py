@@ -87,7 +87,8 @@ class ScheduleConfig(_Section):
     warmup_epochs: float | None = Field(
         None,
         ge=0,
-        description="Linear warm-up; default: the method's recipe, capped at 10% of the run.",
+        description="Linear warm-up, kept exactly as stated (file, flag or --set); unset: "
+        "the method's built-in warm-up, capped at 10% of the run (said in one line when it is).",
     )
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Cosine ends at lr * this.")
     milestones: list[float] = Field(
@@ -267,6 +268,10 @@ def resolve(
     """
     layers = [_normalise_layer(layer) for layer in layers]
     recipe = method_cls.recipe_for(_backbone_name(method_cls, layers)).model_dump()
+    # The recipe's warm-up stays out of the config: ``schedule.warmup_epochs`` is None unless
+    # a file, a flag or --set states one, so the trainer knows a stated warm-up (kept as
+    # stated) from the built-in default (capped on short runs; see Trainer._warmup_steps).
+    recipe.get("schedule", {}).pop("warmup_epochs", None)
     merged: dict[str, Any] = {k: v for k, v in recipe.items() if v}
     for layer in layers:
         merged = deep_merge(merged, layer)
