@@ -88,9 +88,11 @@ class InvaSpread(Method):
     name = "invaspread"
     Config = InvaSpreadConfig
     # demo_seen.py: torch SGD over all parameters, lr 0.03 at batch 128 (a fixed value, no
-    # batch-size rule), weight decay 5e-4; its schedule only ever applies ×0.1 from epoch
-    # 120 of 300 (the later branches of its if/elif chain cannot be reached), stated here
-    # as a fraction of the run (0.4).
+    # batch-size rule), weight decay 5e-4, 301 epochs. Its schedule since the authors'
+    # "fix lr bug" commit (before it, the later branches of an if/elif chain were never
+    # reached and only ×0.1 applied): lr × 0.1 from epoch 120, × 0.05 from 160, × 0.01
+    # from 200, each relative to the base lr — stated here as fractions of the 301-epoch
+    # run, so a run of any length decays at the same relative points.
     recipe = Recipe(
         optim={
             "name": "sgd",
@@ -100,7 +102,12 @@ class InvaSpread(Method):
             "weight_decay": 5e-4,
             "exclude_norm_bias": False,
         },
-        schedule={"kind": "step", "milestones": [0.4], "gamma": 0.1, "warmup_epochs": 0},
+        schedule={
+            "kind": "step",
+            "milestones": [120 / 301, 160 / 301, 200 / 301],
+            "milestone_factors": [0.1, 0.05, 0.01],
+            "warmup_epochs": 0,
+        },
     )
 
     def __init__(self, config: InvaSpreadConfig, backbone: Backbone, dataset_size: int = 0) -> None:

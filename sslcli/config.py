@@ -96,7 +96,15 @@ class ScheduleConfig(_Section):
         description="Step decays: at these epochs (>= 1), or at these fractions of the run "
         "(0 < m < 1, as method recipes state them so they fit runs of any length).",
     )
-    gamma: float = Field(0.1, gt=0, le=1, description="Step-decay factor.")
+    gamma: float = Field(
+        0.1, gt=0, le=1, description="Step-decay factor, applied once more at each milestone."
+    )
+    milestone_factors: list[float] | None = Field(
+        None,
+        description="One lr factor per milestone, relative to the base lr (not to the "
+        "previous step), used instead of gamma: InvaSpread's [0.1, 0.05, 0.01] at epochs "
+        "[120, 160, 200].",
+    )
     weight_decay_end: float | None = Field(
         None, ge=0, description="Cosine weight-decay schedule to this value (DINO)."
     )
@@ -174,6 +182,15 @@ class RunConfig(_Section):
                 raise ValueError(f"milestone {m} must be > 0 (an epoch, or a fraction < 1)")
             if m > self.trainer.epochs:
                 raise ValueError(f"milestone {m} is beyond trainer.epochs={self.trainer.epochs}")
+        factors = self.schedule.milestone_factors
+        if factors is not None:
+            if len(factors) != len(self.schedule.milestones):
+                raise ValueError(
+                    f"schedule.milestone_factors has {len(factors)} values for "
+                    f"{len(self.schedule.milestones)} milestones; give one per milestone"
+                )
+            if any(f <= 0 for f in factors):
+                raise ValueError("schedule.milestone_factors must all be > 0")
         return self
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -322,8 +322,9 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(idx_data: Path, tmp_path:
         ("instdisc", [1.0] * 6 + [0.1] * 2 + [0.01] * 2),
         # CMC: 120/160/200 of 240 -> steps 5, round(6.67) = 7, round(8.33) = 8.
         ("cmc", [1.0] * 5 + [0.1] * 2 + [0.01] + [0.001] * 2),
-        # InvaSpread: 120 of 300 -> step 4.
-        ("invaspread", [1.0] * 4 + [0.1] * 6),
+        # InvaSpread (after the official "fix lr bug"): x0.1, x0.05, x0.01 of the base lr
+        # at 120, 160, 200 of 301 -> steps round(3.99) = 4, round(5.32) = 5, round(6.64) = 7.
+        ("invaspread", [1.0] * 4 + [0.1] + [0.05] * 2 + [0.01] * 3),
     ],
 )
 def test_recipe_milestones_are_fractions_of_any_run(
@@ -347,3 +348,11 @@ def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> No
         o["schedule"]["milestones"] = bad
         with pytest.raises(ConfigError, match=why):
             api.resolve_config("simclr", overrides=o)
+    # One factor per milestone, relative to the base lr (not compounded), in any order.
+    o["schedule"] = {"kind": "step", "milestones": [1.6, 0.5], "milestone_factors": [0.01, 0.2]}
+    method_cls, run, mcfg = api.resolve_config("simclr", overrides=o)
+    tr = Trainer(run, method_cls, mcfg)
+    assert [tr.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.2] * 3 + [0.01] * 2
+    o["schedule"]["milestone_factors"] = [0.1]
+    with pytest.raises(ConfigError, match="1 values for 2 milestones"):
+        api.resolve_config("simclr", overrides=o)

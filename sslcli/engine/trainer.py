@@ -476,7 +476,12 @@ class Trainer:
             )
         if s.kind == "step":
             return schedules.warmup_step(
-                step, self.steps_per_epoch, self.warmup_steps, self.milestone_epochs(), s.gamma
+                step,
+                self.steps_per_epoch,
+                self.warmup_steps,
+                self.milestone_epochs(),
+                s.gamma,
+                s.milestone_factors,
             )
         return schedules.warmup_constant(step, self.warmup_steps)
 
