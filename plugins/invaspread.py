@@ -26,6 +26,7 @@ from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
+from sslcli.nn.heads import UnitEmbedding
 
 
 def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -143,3 +144,9 @@ class InvaSpread(Method):
         loss, log_pos = invaspread_loss(z1, z2, self.config.temperature)
         logs: dict[str, Tensor | float] = {"pos_prob": log_pos.detach().exp().mean()}
         return StepOutput(loss=loss, logs=logs, embedding=z1.detach())
+
+    def export_candidates(self) -> dict[str, nn.Module]:
+        # The backbone's pooled feature is the default; the official kNN (demo_seen.py,
+        # k 200, the published CIFAR-10 numbers) reads the 128-d unit embedding:
+        # ``--which embedding``.
+        return {"backbone": self.backbone, "embedding": UnitEmbedding(self.backbone, self.head)}
