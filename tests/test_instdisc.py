@@ -353,3 +353,7 @@ def test_eval_which_embedding_reads_the_unit_128d_embedding(
     code = main(["export", str(run), "--out", str(tmp_path / "exp"), "--which", "embedding"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not a timm network" in err[0]
+    main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "by default is the method's encoder's pooled backbone feature" in text
+    assert "'embedding', the 128-d unit embedding" in text

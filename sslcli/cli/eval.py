@@ -11,7 +11,10 @@ from sslcli.cli.console import err, out
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate a run, a checkpoint or an exported model: knn | linear | finetune.",
+    help="Evaluate a run, a checkpoint or an exported model: knn | linear | finetune. "
+    "What is evaluated by default is the method's encoder's pooled backbone feature (DINO: "
+    "the teacher); --which picks another representation, e.g. 'embedding', the 128-d unit "
+    "embedding InstDisc's and InvaSpread's published kNN numbers use.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
