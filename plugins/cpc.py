@@ -37,6 +37,39 @@ There is no official code; this follows the papers. What comes from where:
   stages run on 1×1 maps; :func:`sslcli.nn.tiny_maps.centre_tap_on_tiny_maps` computes
   those convolutions as the equivalent matrix products (~6× faster encoder on a CPU).
 
+Checked against CPC v2's appendix (Hénaff et al. 2019, App. A). The paper's own text was
+not readable from here; what follows rests on its pseudo-code as a public third-party
+reimplementation reproduces it (``CPC(latents, target_dim=64, emb_scale=0.1,
+steps_to_ignore=2, steps_to_predict=3)`` and a ``pixelCNN`` context network), on the v1
+paper's Sec. 3.2, and on summaries of v2's main text; details marked "unverified" could
+not be confirmed from the paper itself. The defaults stay as above; options follow the
+pseudo-code where it differs:
+
+- target projection: the pseudo-code scores predictions against a 1×1-convolution
+  projection of the patch features to ``target_dim`` = 64 channels, and the predictions
+  (1×1 convolutions of the context, also 64 wide) are multiplied by ``emb_scale`` = 0.1.
+  Default here: no projection, predictions in the patch-feature width D, scale 1 (v1's
+  ``W_k c_t`` scored against ``z``); ``method.target_dim=64``, ``method.pred_scale=0.1``
+  follow the pseudo-code (a single 1×1 layer for the targets: unverified).
+- rows ahead: the pseudo-code's defaults predict offset 3 only (offsets 1–2 skipped);
+  whether the reported models used those defaults is unverified. v1 predicts "up to five
+  rows" ahead. Default here: offsets 1..5; ``method.pred_min_step=3`` with
+  ``method.pred_steps=3`` gives the pseudo-code's.
+- per-offset weighting: the pseudo-code adds one cross-entropy per offset, each a mean
+  over its own predictions, so every offset weighs the same. Default here: the mean over
+  all predictions, so near offsets (more rows) weigh more; ``method.offset_weighting=
+  offset`` sums one mean per (direction, offset) as the pseudo-code does.
+- encoder stages: v1 uses "the outputs from the third residual block" of ResNet-v2-101,
+  mean-pooled to one 1024-d vector per patch; v2's ResNet-161 widens that third stack (46
+  blocks, 4096-d maps) — so the patch encoder stops after the third stage. Here the whole
+  backbone is the patch encoder (a timm ResNet-50 includes its fourth stage, 2048-d);
+  whether v2's ResNet-50 result drops the fourth stage is unverified.
+- context network: the pseudo-code stacks 5 residual blocks of 1×1 → 1×3 → a 2×1
+  convolution over rows padded on top (the masking) → 1×1, 256 channels wide. Here:
+  ``context_blocks`` (6) blocks of 1×1 → masked 3×3 → 1×1 at width D/4.
+- directions: v2 predicts from more than one direction; the exact set is unverified.
+  Default here: all four, each with its own context network and predictors.
+
 Evaluation (:meth:`CPC.embed`): the patch encoder on the 7×7 grid of the image, mean-pooled
 over the patches. Export writes the patch encoder's weights (they load strictly into
 plain timm) and the grid under ``config.json["sslcli"]["patch_grid"]``;
@@ -162,15 +195,24 @@ class ContextNetwork(nn.Sequential):
 # -- the loss ----------------------------------------------------------------------------------
 
 
-def _chunk_infonce(preds: Tensor, targets: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_infonce(
+    preds: Tensor, targets: Tensor, positive: Tensor, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     logits = preds @ targets.T
-    loss = F.cross_entropy(logits, positive, reduction="sum")
+    if weights is None:
+        loss = F.cross_entropy(logits, positive, reduction="sum")
+    else:
+        loss = (F.cross_entropy(logits, positive, reduction="none") * weights).sum()
     correct = (logits.detach().argmax(dim=1) == positive).sum()
     return loss, correct
 
 
 def cpc_infonce(
-    preds: Tensor, targets: Tensor, positive: Tensor, max_elements: int = 1 << 26
+    preds: Tensor,
+    targets: Tensor,
+    positive: Tensor,
+    max_elements: int = 1 << 26,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE of every prediction against all patch features of the batch.
 
@@ -179,7 +221,8 @@ def cpc_infonce(
     cross-entropy whose logits are ``ẑ · z_n`` for every patch ``n`` of ``targets`` and
     whose label is the true patch. ``preds`` [M, D] (already ``W_k c``), ``targets`` [T, D],
     ``positive`` [M] (row of the true patch in ``targets``). Mean over the M predictions,
-    in fp32. Returns (loss, top-1 accuracy of the true patch).
+    or, with ``weights`` [M], the weighted sum ``Σ_m w_m ℓ_m``; in fp32. Returns (loss,
+    top-1 accuracy of the true patch).
 
     The logits are ``M × T`` — B²·G²·(rows predicted)·(directions): 29 GB in fp32 for a
     batch of 512 with four directions. Above ``max_elements`` they are computed in row
@@ -189,20 +232,22 @@ def cpc_infonce(
     with torch.autocast(device_type=preds.device.type, enabled=False):
         preds, targets = preds.float(), targets.float()
         m, t = preds.shape[0], targets.shape[0]
+        w = None if weights is None else weights.float()
+        scale = 1.0 / m if w is None else 1.0
         if m * t <= max_elements:
-            loss, correct = _chunk_infonce(preds, targets, positive)
-            return loss / m, correct.float() / m
+            loss, correct = _chunk_infonce(preds, targets, positive, w)
+            return loss * scale, correct.float() / m
         rows = max(1, max_elements // max(1, t))
         loss = preds.new_zeros(())
         correct = torch.zeros((), dtype=torch.long, device=preds.device)
         for a in range(0, m, rows):
             part, hits = checkpoint(
                 _chunk_infonce, preds[a : a + rows], targets, positive[a : a + rows],
-                use_reentrant=False,
+                None if w is None else w[a : a + rows], use_reentrant=False,
             )  # fmt: skip
             loss = loss + part
             correct = correct + hits
-        return loss / m, correct.float() / m
+        return loss * scale, correct.float() / m
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -214,6 +259,28 @@ class CPCConfig(MethodConfig):
     )
     pred_steps: int = Field(
         5, ge=1, description="K: predict 1..K rows ahead (v1: 'up to five rows'); < grid_size."
+    )
+    pred_min_step: int = Field(
+        1,
+        ge=1,
+        description="First row offset predicted: offsets pred_min_step..pred_steps. The v2 "
+        "appendix pseudo-code's defaults (steps_to_ignore=2, steps_to_predict=3) predict "
+        "offset 3 only: pred_min_step = pred_steps = 3.",
+    )
+    target_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Project targets (a 1x1 conv of z) and predictions to this width before "
+        "scoring (v2 appendix pseudo-code: 64); null: score against z itself (v1's W_k c).",
+    )
+    pred_scale: float = Field(
+        1.0, gt=0, description="Multiplier of the predictions (v2 appendix: emb_scale 0.1)."
+    )
+    offset_weighting: Literal["prediction", "offset"] = Field(
+        "prediction",
+        description="'prediction': mean over all predictions (near offsets, having more "
+        "rows, weigh more); 'offset': the sum over offsets (and directions) of each one's "
+        "mean, as the v2 appendix pseudo-code sums one cross-entropy per offset.",
     )
     directions: list[Direction] = Field(
         default_factory=lambda: ["top-down", "bottom-up", "left-right", "right-left"],
@@ -281,6 +348,11 @@ class CPC(Method):
                 [f"method.pred_steps: {c.pred_steps} rows ahead do not fit a {c.grid_size}-row "
                  "grid (method.grid_size)"]
             )  # fmt: skip
+        if c.pred_min_step > c.pred_steps:
+            raise ConfigError(
+                [f"method.pred_min_step: {c.pred_min_step} is beyond method.pred_steps="
+                 f"{c.pred_steps}"]
+            )  # fmt: skip
         if len(set(c.directions)) != len(c.directions):
             raise ConfigError([f"method.directions: repeated entries in {c.directions}"])
         if c.norm == "layer" and not spec.is_vit:
@@ -293,13 +365,14 @@ class CPC(Method):
         self.context = nn.ModuleDict(
             {d: ContextNetwork(width, hidden, c.context_blocks) for d in c.directions}
         )
-        # W_k for k = 1..K, per direction: 1×1 convolutions = the same linear map at every
-        # grid position.
+        # W_k for k = pred_min_step..K, per direction: 1×1 convolutions = the same linear
+        # map at every grid position, to the target width.
+        tdim = c.target_dim or width
+        self.target_proj = nn.Conv2d(width, tdim, 1) if c.target_dim else None
+        offsets = c.pred_steps - c.pred_min_step + 1
         self.predictors = nn.ModuleDict(
             {
-                d: nn.ModuleList(
-                    [nn.Conv2d(width, width, 1, bias=False) for _ in range(c.pred_steps)]
-                )
+                d: nn.ModuleList([nn.Conv2d(width, tdim, 1, bias=False) for _ in range(offsets)])
                 for d in c.directions
             }
         )
@@ -333,34 +406,49 @@ class CPC(Method):
     def predictions(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Every ``ẑ = W_k c`` of every direction, with the grid positions involved.
 
-        Returns (preds [M, D], target [M], source [M]): the patch each prediction is
+        Returns (preds [M, D'], target [M], source [M]): the patch each prediction is
         scored against and the patch whose context made it, both counted image-major,
-        then row, then column, in the un-rotated grid.
+        then row, then column, in the un-rotated grid. ``D'`` is ``method.target_dim`` (or
+        D); the predictions are multiplied by ``method.pred_scale``.
         """
-        b, d, g, _ = z.shape
+        return self._predictions(z)[:3]
+
+    def _predictions(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`predictions` plus the (direction, offset) group of each prediction."""
+        c = self.config
+        b, _, g, _ = z.shape
         ids = torch.arange(b * g * g, device=z.device).view(b, g, g)
-        preds, targets, sources = [], [], []
-        for name in self.config.directions:
+        preds, targets, sources, groups = [], [], [], []
+        for name in c.directions:
             r = ROTATIONS[name]
             zr = torch.rot90(z, r, dims=(2, 3))
             idr = torch.rot90(ids, r, dims=(1, 2))
             ctx = self.context[name](zr)
-            for k, w in enumerate(self.predictors[name], start=1):
+            for k, w in enumerate(self.predictors[name], start=c.pred_min_step):
                 p = w(ctx[:, :, : g - k, :])  # rows i = 0..G-1-k predict rows i + k
-                preds.append(p.permute(0, 2, 3, 1).reshape(-1, d))
+                preds.append(p.permute(0, 2, 3, 1).reshape(-1, p.shape[1]))
                 targets.append(idr[:, k:, :].reshape(-1))
                 sources.append(idr[:, : g - k, :].reshape(-1))
-        return torch.cat(preds), torch.cat(targets), torch.cat(sources)
+                groups.append(torch.full_like(targets[-1], len(groups)))
+        out = torch.cat(preds)
+        if c.pred_scale != 1.0:
+            out = out * c.pred_scale
+        return out, torch.cat(targets), torch.cat(sources), torch.cat(groups)
 
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
         (x,) = batch.views
         z = self.encode_grid(x, augment=True)
-        preds, target, _ = self.predictions(z)
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        preds, target, _, groups = self._predictions(z)
+        tz = z if self.target_proj is None else self.target_proj(z)
+        flat = tz.permute(0, 2, 3, 1).reshape(-1, tz.shape[1])
         # Negatives: every patch of the global batch (with gradient, as the local ones).
         everything = dist.gather_with_grad(flat.float().contiguous())
         target = target + dist.rank() * flat.shape[0]
-        loss, acc = cpc_infonce(preds, everything, target)
+        weights = None
+        if self.config.offset_weighting == "offset":
+            # Σ over (direction, offset) groups of each group's mean.
+            weights = 1.0 / torch.bincount(groups).float()[groups]
+        loss, acc = cpc_infonce(preds, everything, target, weights=weights)
         pooled = z.detach().float().mean(dim=(2, 3))
         return StepOutput(loss=loss, logs={"acc": acc}, embedding=pooled)
 

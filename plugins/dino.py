@@ -75,7 +75,10 @@ def dino_loss(
     batch mean and the sum is divided by the number of pairs.
 
     ``student_out``: [V*B, K], the V crops in order (the first ``n_global`` are the
-    global ones); ``teacher_out``: [n_global*B, K]; ``center``: [1, K]. Computed in fp32.
+    global ones); ``teacher_out``: [n_global*B, K]; ``center``: [1, K].
+
+    Precision: fp32 with autocast off; the logits themselves come from the head's last
+    layer in fp32 (:class:`sslcli.nn.dino_head.WeightNormLinear`), not from bf16.
     """
     with torch.autocast(device_type=student_out.device.type, enabled=False):
         b = teacher_out.shape[0] // n_global

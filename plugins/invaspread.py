@@ -26,6 +26,7 @@ from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
+from sslcli.nn.heads import UnitEmbedding
 
 
 def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -91,9 +92,11 @@ class InvaSpread(Method):
     zero_init_last = False
     Config = InvaSpreadConfig
     # demo_seen.py: torch SGD over all parameters, lr 0.03 at batch 128 (a fixed value, no
-    # batch-size rule), weight decay 5e-4; its schedule only ever applies ×0.1 from epoch
-    # 120 of 300 (the later branches of its if/elif chain cannot be reached), stated here
-    # as a fraction of the run (0.4).
+    # batch-size rule), weight decay 5e-4, 301 epochs. Its schedule since the authors'
+    # "fix lr bug" commit (before it, the later branches of an if/elif chain were never
+    # reached and only ×0.1 applied): lr × 0.1 from epoch 120, × 0.05 from 160, × 0.01
+    # from 200, each relative to the base lr — stated here as fractions of the 301-epoch
+    # run, so a run of any length decays at the same relative points.
     recipe = Recipe(
         optim={
             "name": "sgd",
@@ -103,7 +106,12 @@ class InvaSpread(Method):
             "weight_decay": 5e-4,
             "exclude_norm_bias": False,
         },
-        schedule={"kind": "step", "milestones": [0.4], "gamma": 0.1, "warmup_epochs": 0},
+        schedule={
+            "kind": "step",
+            "milestones": [120 / 301, 160 / 301, 200 / 301],
+            "milestone_factors": [0.1, 0.05, 0.01],
+            "warmup_epochs": 0,
+        },
     )
 
     def __init__(self, config: InvaSpreadConfig, backbone: Backbone, dataset_size: int = 0) -> None:
@@ -139,3 +147,9 @@ class InvaSpread(Method):
         loss, log_pos = invaspread_loss(z1, z2, self.config.temperature)
         logs: dict[str, Tensor | float] = {"pos_prob": log_pos.detach().exp().mean()}
         return StepOutput(loss=loss, logs=logs, embedding=z1.detach())
+
+    def export_candidates(self) -> dict[str, nn.Module]:
+        # The backbone's pooled feature is the default; the official kNN (demo_seen.py,
+        # k 200, the published CIFAR-10 numbers) reads the 128-d unit embedding:
+        # ``--which embedding``.
+        return {"backbone": self.backbone, "embedding": UnitEmbedding(self.backbone, self.head)}

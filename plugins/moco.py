@@ -15,6 +15,11 @@ and the K queued keys, temperature τ. Follows the official PyTorch code
   for both encoders, and the key batch is shuffled across the groups first
   (:mod:`sslcli.nn.shuffle_bn`; the single-GPU CIFAR-10 demo's SplitBatchNorm).
 
+The queue's length K is the official 65,536 on ImageNet-size data and is otherwise sized
+from the data set (:func:`sslcli.nn.queue.default_queue_size`: the largest power of two
+<= N/8, e.g. CIFAR-10's 4096 as in the official demo); a K stated larger than the data
+set warns.
+
 v2 changes only the head (MLP), the temperature, the augmentation (blur, weaker jitter
 applied with p 0.8) and the learning-rate schedule (cosine); the shared implementation
 lives in :class:`_MoCo`.
@@ -22,6 +27,7 @@ lives in :class:`_MoCo`.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import ClassVar, Literal
 
@@ -35,7 +41,7 @@ from sslcli.data.views import ViewSpec, moco_v2_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
 from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.queue import KeyQueue
+from sslcli.nn.queue import KeyQueue, default_queue_size, queue_size_warning
 from sslcli.nn.shuffle_bn import bn_groups, shuffle_bn_forward, split_batchnorm
 
 # -- the loss -------------------------------------------------------------------------------
@@ -77,13 +83,15 @@ class MoCoConfig(MethodConfig):
         description="Projection: 'linear' D->128 (v1, CIFAR demo) or 'mlp' D->D->ReLU->128 (v2).",
     )
     proj_dim: int = Field(128, ge=1, description="Width of the keys/queries (128 in both papers).")
-    queue_size: int = Field(
-        65536,
+    queue_size: int | None = Field(
+        None,
         ge=1,
         description=(
-            "Number of queued negative keys K; a multiple of the global batch (x2 with "
-            "symmetric). Lower it on small data sets (e.g. 4096 on CIFAR-10): with K close "
-            "to the data set size the queue holds stale copies of the current images."
+            "Number of queued negative keys K; must be a multiple of the global batch (x2 "
+            "with symmetric), as in the official code. Default: sized from the data set, "
+            "the largest power of two <= N/8, at most the official 65536 (ImageNet keeps "
+            "65536; CIFAR-10 gets 4096, the official CIFAR demo's value). A K larger than "
+            "the data set warns: the queue would hold stale copies of the current images."
         ),
     )
     momentum: float = Field(
@@ -169,7 +177,15 @@ class _MoCo(Method):
         self.key_encoder = nn.Sequential(
             OrderedDict(backbone=momentum_copy(backbone), head=momentum_copy(self.head))
         )
-        self.queue = KeyQueue(config.proj_dim, config.queue_size, option="method.queue_size")
+        size = config.queue_size
+        origin = ""
+        if size is None:
+            size = default_queue_size(dataset_size)
+            if dataset_size >= 1:
+                origin = f" (the default for {dataset_size} images: a power of two <= N/8)"
+        if 1 <= dataset_size < size:
+            warnings.warn(queue_size_warning(self.name, size, dataset_size), stacklevel=2)
+        self.queue = KeyQueue(config.proj_dim, size, option="method.queue_size", origin=origin)
 
     @staticmethod
     def _make_head(width: int, c: MoCoConfig) -> nn.Module:

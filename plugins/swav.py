@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,21 +69,58 @@ def swapped_prediction_loss(
     is averaged over the codes.
 
     ``scores``: per crop, ``z·Cᵀ`` [B, K] (before the temperature); ``codes``: crop index →
-    its Sinkhorn codes [B, K] (rows sum to 1, no gradient).
+    its Sinkhorn codes [B, K] (rows sum to 1, no gradient). Precision: fp32, autocast off.
     """
     n_crops = len(scores)
     if n_crops < 2:
         raise ValueError("the swapped prediction needs at least two crops")
-    total = scores[0].new_zeros((), dtype=torch.float32)
-    for s, q in codes.items():
-        sub = total.new_zeros(())
-        for v in range(n_crops):
-            if v == s:
-                continue
-            log_p = F.log_softmax(scores[v].float() / temperature, dim=1)
-            sub = sub - (q * log_p).sum(dim=1).mean()
-        total = total + sub / (n_crops - 1)
-    return total / len(codes)
+    with torch.autocast(device_type=scores[0].device.type, enabled=False):
+        total = scores[0].new_zeros((), dtype=torch.float32)
+        for s, q in codes.items():
+            sub = total.new_zeros(())
+            for v in range(n_crops):
+                if v == s:
+                    continue
+                log_p = F.log_softmax(scores[v].float() / temperature, dim=1)
+                sub = sub - (q.float() * log_p).sum(dim=1).mean()
+            total = total + sub / (n_crops - 1)
+        return total / len(codes)
+
+
+def prototype_scores(z: Tensor, prototypes: Tensor) -> Tensor:
+    """``z·Cᵀ`` in fp32 with autocast off, for the batch's crops and the queue alike.
+
+    The scores feed ``exp(·/ε)`` at ε = 0.05 (Sinkhorn) and a softmax at τ = 0.1; bf16's
+    8-bit mantissa would move a score of 1/ε = 20 by up to 0.08. The official code
+    computes the codes in fp32 too.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return z.float() @ prototypes.float().T
+
+
+def swav_loss(
+    z: Tensor,
+    prototypes: Tensor,
+    batch: int,
+    crops_for_assign: Sequence[int],
+    temperature: float,
+    epsilon: float,
+    iterations: int,
+    queues: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """SwAV's loss from the unit features ``z`` [V*B, d] of all crops (crop-major) and the
+    prototypes C [K, d]: the codes of each crop in ``crops_for_assign`` by Sinkhorn (with
+    ``queues[i]``'s past features prefixed to the scores of the i-th of them), then the
+    swapped prediction. Precision: fp32 throughout (scores, Sinkhorn and loss)."""
+    scores = list(prototype_scores(z, prototypes).split(batch))
+    codes: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for i, crop in enumerate(crops_for_assign):
+            s = scores[crop].detach()
+            if queues is not None:
+                s = torch.cat([prototype_scores(queues[i], prototypes), s])
+            codes[crop] = sinkhorn_knopp(s, epsilon, iterations)[-batch:]
+    return swapped_prediction_loss(scores, codes, temperature)
 
 
 def queue_in_use(step: int, start_step: int, queue_rows: int, global_batch: int) -> bool:
@@ -307,26 +345,20 @@ class SwAV(Method):
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         feats = multicrop_forward(self.backbone, batch.views)
         z = F.normalize(self.projector(feats), dim=1)  # [V*B, d]
-        # The scores feed exp(·/ε) and a softmax at τ = 0.1: computed in fp32.
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            scores_all = z.float() @ self.prototypes.weight.float().T
         b = batch.views[0].shape[0]
-        scores = list(scores_all.split(b))
-        emb = z.detach().float().split(b)
-
-        use_queue = self._queue_active(step, b)
-        codes: dict[int, Tensor] = {}
-        with torch.no_grad():
-            for i, crop in enumerate(c.crops_for_assign):
-                s = scores[crop].detach()
-                if use_queue:
-                    past = self._local_queue(i, b) @ self.prototypes.weight.float().T
-                    s = torch.cat([past, s])
-                codes[crop] = sinkhorn_knopp(s, c.epsilon, c.sinkhorn_iterations)[-b:]
-            if self._queue_filling(step):
+        queues = None
+        if self._queue_active(step, b):
+            queues = [self._local_queue(i, b) for i in range(len(c.crops_for_assign))]
+        loss = swav_loss(
+            z, self.prototypes.weight, b, c.crops_for_assign, c.temperature, c.epsilon,
+            c.sinkhorn_iterations, queues,
+        )  # fmt: skip
+        use_queue = queues is not None
+        # After the codes: this step's features join the queue for the next steps.
+        if self._queue_filling(step):
+            with torch.no_grad():
+                emb = z.detach().float().split(b)
                 self._enqueue([emb[crop] for crop in c.crops_for_assign], b)
-
-        loss = swapped_prediction_loss(scores, codes, c.temperature)
         logs: dict[str, Tensor | float] = {"queue_used": float(use_queue)}
         logs.update(self._collapse_check(loss, step))
         return StepOutput(loss=loss, logs=logs, embedding=z[:b].detach())

@@ -116,7 +116,8 @@ class ScheduleConfig(_Section):
     warmup_epochs: float | None = Field(
         None,
         ge=0,
-        description="Linear warm-up; default: the method's recipe, capped at 10% of the run.",
+        description="Linear warm-up, kept exactly as stated (file, flag or --set); unset: "
+        "the method's built-in warm-up, capped at 10% of the run (said in one line when it is).",
     )
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Cosine ends at lr * this.")
     milestones: list[float] = Field(
@@ -124,7 +125,15 @@ class ScheduleConfig(_Section):
         description="Step decays: at these epochs (>= 1), or at these fractions of the run "
         "(0 < m < 1, as method recipes state them so they fit runs of any length).",
     )
-    gamma: float = Field(0.1, gt=0, le=1, description="Step-decay factor.")
+    gamma: float = Field(
+        0.1, gt=0, le=1, description="Step-decay factor, applied once more at each milestone."
+    )
+    milestone_factors: list[float] | None = Field(
+        None,
+        description="One lr factor per milestone, relative to the base lr (not to the "
+        "previous step), used instead of gamma: InvaSpread's [0.1, 0.05, 0.01] at epochs "
+        "[120, 160, 200].",
+    )
     weight_decay_end: float | None = Field(
         None, ge=0, description="Cosine weight-decay schedule to this value (DINO)."
     )
@@ -204,6 +213,15 @@ class RunConfig(_Section):
                 raise ValueError(f"milestone {m} must be > 0 (an epoch, or a fraction < 1)")
             if m > self.trainer.epochs:
                 raise ValueError(f"milestone {m} is beyond trainer.epochs={self.trainer.epochs}")
+        factors = self.schedule.milestone_factors
+        if factors is not None:
+            if len(factors) != len(self.schedule.milestones):
+                raise ValueError(
+                    f"schedule.milestone_factors has {len(factors)} values for "
+                    f"{len(self.schedule.milestones)} milestones; give one per milestone"
+                )
+            if any(f <= 0 for f in factors):
+                raise ValueError("schedule.milestone_factors must all be > 0")
         return self
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -306,6 +324,10 @@ def resolve(
     """
     layers = [_normalise_layer(layer) for layer in layers]
     recipe = method_cls.recipe_for(_backbone_name(method_cls, layers)).model_dump()
+    # The recipe's warm-up stays out of the config: ``schedule.warmup_epochs`` is None unless
+    # a file, a flag or --set states one, so the trainer knows a stated warm-up (kept as
+    # stated) from the built-in default (capped on short runs; see Trainer._warmup_steps).
+    recipe.get("schedule", {}).pop("warmup_epochs", None)
     merged: dict[str, Any] = {k: v for k, v in recipe.items() if v}
     for layer in layers:
         merged = deep_merge(merged, layer)

@@ -124,7 +124,10 @@ def timm_config(encoder: nn.Module, target: Target, which: str) -> dict[str, Any
     """The timm ``config.json`` (plus an ``sslcli`` block timm ignores) for ``encoder``."""
     spec = getattr(encoder, "sslcli_spec", None)
     if spec is None:
-        raise TargetError(f"encoder {which!r} was not built by sslcli; cannot describe it")
+        raise TargetError(
+            f"--which {which}: not a timm network (evaluation only, e.g. a method's "
+            f"embedding head); export one of the method's encoders instead"
+        )
     in_chans = _in_chans(encoder)
     model_args = {k: v for k, v in spec.kwargs.items() if k not in TRAINING_ONLY_ARGS}
     if in_chans != 3:

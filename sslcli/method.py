@@ -180,7 +180,10 @@ class Method(nn.Module, metaclass=ABCMeta):
         return self.backbone
 
     def export_candidates(self) -> dict[str, nn.Module]:
-        """Encoders that ``ssl export --which`` can choose from; the first is the default."""
+        """Encoders that ``ssl export --which`` and ``ssl eval --which`` can choose from;
+        the first is the default export. A candidate that is not a timm network built by
+        sslcli (e.g. :class:`sslcli.nn.heads.UnitEmbedding`, a method's normalised
+        embedding head) can be evaluated and fine-tuned but not exported."""
         return {"backbone": self.encoder()}
 
     def embed(self, images: Tensor) -> Tensor:

@@ -133,7 +133,10 @@ def test_export_candidates_load_in_plain_timm(name: str, tmp_path: Path) -> None
     tr = Trainer(run, method_cls, mcfg)
     cands = tr.method.export_candidates()
     assert cands, f"{name} exports nothing"
+    assert hasattr(next(iter(cands.values())), "sslcli_spec"), f"{name}: default not timm"
     for which, enc in cands.items():
+        if not hasattr(enc, "sslcli_spec"):
+            continue  # evaluation-only (InstDisc's unit embedding): `ssl export` refuses it
         spec = enc.sslcli_spec
         kwargs = dict(spec.kwargs)
         # CMC's encoders see 1 (L) or 2 (ab) channels: take it from the first conv.

@@ -260,3 +260,40 @@ def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
     print(f"cpc kNN trained {result.knn_trained} random {result.knn_random}")
     assert result.knn_trained is not None and result.knn_random is not None
     assert result.knn_trained > result.knn_random + 0.05
+
+
+def test_v2_appendix_options_target_width_offsets_scale_and_weighting() -> None:
+    """The CPC v2 appendix pseudo-code's choices as options: targets and predictions
+    projected to 64 dims, predictions x0.1, only offset 3 predicted, one cross-entropy
+    per offset summed (instead of the mean over all predictions)."""
+    m = _method(
+        directions=["top-down"], pred_steps=3, pred_min_step=3, target_dim=64, pred_scale=0.1
+    )
+    assert m.target_proj is not None and m.target_proj.out_channels == 64
+    z = torch.randn(2, m.target_proj.in_channels, 7, 7)
+    preds, target, source = m.predictions(z)
+    assert preds.shape == (2 * 7 * 4, 64)  # offset 3 only: rows 0..3 predict rows 3..6
+    assert set(((target - source) // 7).tolist()) == {3}
+    w = m.predictors["top-down"][0]
+    ctx = m.context["top-down"](z)
+    torch.testing.assert_close(preds[:4], 0.1 * w(ctx)[0, :, 0, :4].T)
+    with pytest.raises(ConfigError, match="pred_min_step"):
+        _method(pred_steps=2, pred_min_step=3)
+
+
+def test_per_offset_weighting_sums_each_offsets_mean() -> None:
+    m = _method(directions=["top-down", "bottom-up"], pred_steps=2, offset_weighting="offset")
+    m.train()
+    x = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    loss = m.training_step(Batch(views=[x], index=torch.arange(2)), STEP).loss
+    # The same step by hand: one mean cross-entropy per (direction, offset), summed.
+    torch.manual_seed(1)
+    z = m.encode_grid(x, augment=True)
+    preds, target, source = m.predictions(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+    ce = torch.nn.functional.cross_entropy(preds.float() @ flat.T, target, reduction="none")
+    sizes = [2 * 7 * 6, 2 * 7 * 5] * 2
+    expected = sum(part.mean() for part in ce.split(sizes))
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, ce.mean())

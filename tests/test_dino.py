@@ -188,7 +188,8 @@ def test_recipe_is_the_official_one() -> None:
     o, s = run.optim, run.schedule
     assert (o.name, o.lr, o.lr_scaling, o.weight_decay) == ("adamw", 5e-4, "linear", 0.04)
     assert (o.grad_clip, o.grad_clip_mode) == (3.0, "per_tensor")
-    assert (s.warmup_epochs, s.weight_decay_end) == (10, 0.4)
+    assert (s.warmup_epochs, s.weight_decay_end) == (None, 0.4)  # None: the built-in default
+    assert DINO.recipe_for("vit-s").schedule["warmup_epochs"] == 10
     assert s.final_lr_fraction * 5e-4 == pytest.approx(1e-6)
     assert run.backbone.drop_path_rate == 0.1
     assert (cfg.out_dim, cfg.teacher_temp, cfg.momentum_teacher, cfg.freeze_last_layer) == (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sslcli_plugins.instdisc import InstDisc, InstDiscConfig
 
 from sslcli import api
@@ -308,3 +309,51 @@ def test_default_noise_count_follows_the_data_set_size() -> None:
     torch.manual_seed(0)
     big = InstDisc(InstDiscConfig(), make_spec("test_resnet", 16).build(), dataset_size=50_000)
     assert big.nce_k == 4096
+
+
+@pytest.mark.parametrize("method", ["instdisc", "invaspread"])
+def test_eval_which_embedding_reads_the_unit_128d_embedding(
+    method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The published kNN numbers of InstDisc and InvaSpread use the 128-d normalised
+    embedding: ``ssl eval knn --which embedding`` evaluates it; the default stays the
+    backbone's pooled feature; ``ssl export`` refuses it in one line."""
+    import json
+
+    from safetensors import safe_open
+
+    from sslcli.cli.app import main
+    from sslcli.load import load_target
+    from tests.test_eval import make_run
+
+    run = make_run(tmp_path / method, method=method)
+    t = load_target(run)
+    assert list(t.candidates) == ["backbone", "embedding"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        f = t.embedder("embedding")(x)
+        assert f.shape == (4, 128)
+        torch.testing.assert_close(f.norm(dim=1), torch.ones(4))
+        # The method's own training-time embedding, from the same weights.
+        assert t.method is not None
+        torch.testing.assert_close(f, F.normalize(t.method.head(t.method.backbone(x)), dim=1))
+        assert t.embedder(None)(x).shape[1] != 128  # the default: the backbone feature
+    widths = {}
+    for which in (None, "embedding"):
+        cache = tmp_path / f"cache-{which}"
+        argv = ["eval", "knn", str(run), "--json", "--k", "20", "--cache-dir", str(cache)]
+        code = main(argv + (["--which", which] if which else []))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert json.loads(out)["which"] == which
+        (entry, *_) = sorted(cache.glob("features-*.safetensors"))
+        with safe_open(str(entry), "pt") as fh:
+            widths[which] = fh.get_tensor("features").shape[1]
+    assert widths["embedding"] == 128 != widths[None]
+    code = main(["export", str(run), "--out", str(tmp_path / "exp"), "--which", "embedding"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a timm network" in err[0]
+    main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "by default is the method's encoder's pooled backbone feature" in text
+    assert "'embedding', the 128-d unit embedding" in text

@@ -125,3 +125,22 @@ def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
     print(f"invaspread kNN trained {result.knn_trained} random {result.knn_random}")
     assert result.knn_trained is not None and result.knn_random is not None
     assert result.knn_trained > result.knn_random
+
+
+def test_recipes_follow_the_fixed_official_schedule() -> None:
+    """demo_seen.py after the authors' "fix lr bug": lr x0.1 from epoch 120, x0.05 from 160,
+    x0.01 from 200 (each relative to the base lr), 301 epochs. The old code took only the
+    first branch of an if/elif chain (x0.1 from 120)."""
+    recipes = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+    _, run, _ = api.resolve_config(config=recipes / "invaspread-cifar.toml")
+    s = run.schedule
+    assert (s.kind, s.milestones, s.milestone_factors) == (
+        "step",
+        [120, 160, 200],
+        [0.1, 0.05, 0.01],
+    )
+    assert run.trainer.epochs == 301
+    _, run, _ = api.resolve_config("invaspread", overrides={"trainer": {"epochs": 301}})
+    s = run.schedule
+    assert [m * 301 for m in s.milestones] == pytest.approx([120, 160, 200])
+    assert s.milestone_factors == [0.1, 0.05, 0.01]

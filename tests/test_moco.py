@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +277,50 @@ def test_heads_views_and_recipes() -> None:
 
     c1, c2 = MoCoV1.Config(), MoCoV2.Config()
     assert (c1.temperature, c1.head, c2.temperature, c2.head) == (0.07, "linear", 0.2, "mlp")
-    assert c1.queue_size == c2.queue_size == 65536 and c1.momentum == 0.999
+    assert c1.queue_size is c2.queue_size is None and c1.momentum == 0.999  # from N
     for cls, kind in ((MoCoV1, "step"), (MoCoV2, "cosine")):
         assert cls.recipe.optim["name"] == "sgd" and cls.recipe.optim["lr"] == 0.03
         assert cls.recipe.optim["weight_decay"] == 1e-4
         assert cls.recipe.optim["exclude_norm_bias"] is False
         assert cls.recipe.schedule["kind"] == kind
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(1_281_167, 65536), (524_288, 65536), (100_000, 8192), (50_000, 4096), (1797, 128)]
+)
+def test_default_queue_is_sized_from_the_data_set(n: int, k: int) -> None:
+    """The official 65,536 on ImageNet; below 524,288 images the largest power of two
+    <= N/8 (CIFAR-10: the official demo's 4096), so a default run's negatives are real keys
+    after a few steps instead of the random start vectors (digits: 65,536 before)."""
+    cls, _, cfg = api.resolve_config("moco-v2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never larger than the data set
+        m = cls(cfg, make_spec("test_resnet", 16).build(), dataset_size=n)
+    assert m.queue.size == m.queue.keys.shape[0] == k <= n
+
+
+def test_queue_larger_than_the_data_set_warns_and_the_default_says_where_it_came_from() -> None:
+    cls, _, cfg = api.resolve_config("moco-v1", sets=["method.queue_size=64"])
+    with pytest.warns(UserWarning, match=r"method\.queue_size=64 > 40 images.*queue_size=4 "):
+        cls(cfg, make_spec("test_resnet", 16).build(), dataset_size=40)
+    cls, _, cfg = api.resolve_config("moco-v1")
+    m = cls(cfg, make_spec("test_resnet", 16).build(), dataset_size=40)
+    assert m.queue.size == 4
+    with pytest.raises(ConfigError, match=r"4 \(the default for 40 images.*multiple of the 8"):
+        m.training_step(_batch(8), STEP)
+
+
+def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
+    from sslcli.engine.trainer import Trainer
+
+    o = {
+        "backbone": {"name": "test_resnet"},
+        "data": {"dataset": "digits", "image_size": 16},
+        "trainer": {"batch_size": 64, "eval_knn": False, "out": str(tmp_path)},
+    }
+    method_cls, run, mcfg = api.resolve_config("moco-v2", overrides=o)
+    tr = Trainer(run, method_cls, mcfg)
+    assert tr.method.queue.size == 128  # 1797 images // 8 = 224 -> 128
 
 
 def test_recipe_files_resolve() -> None:

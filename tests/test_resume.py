@@ -102,9 +102,12 @@ def test_max_steps_stops_without_changing_the_schedule(idx_data: Path, tmp_path:
     assert [short.lr_factor(s) for s in range(10)] == [whole.lr_factor(s) for s in range(10)]
 
 
-def test_recipe_warmup_is_capped_but_a_chosen_one_is_not(idx_data: Path, tmp_path: Path) -> None:
-    """SimCLR's recipe warms up for 10 epochs: on this 2-epoch run that is capped to 10% of
-    the run (1 step) instead of covering the whole run; a value the user picks is kept."""
+def test_default_warmup_is_capped_but_a_stated_one_is_not(
+    idx_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SimCLR's built-in warm-up is 10 epochs: on this 2-epoch run it is capped to 10% of
+    the run (1 step), and the trainer says so; a stated warm-up is kept as stated, also
+    one equal to the built-in value (a recipe file stating the official 10 epochs)."""
 
     def warmup(**schedule: Any) -> int:
         o = _overrides(idx_data, tmp_path / "w", None)
@@ -113,21 +116,61 @@ def test_recipe_warmup_is_capped_but_a_chosen_one_is_not(idx_data: Path, tmp_pat
         return Trainer(run, method_cls, mcfg).warmup_steps
 
     assert warmup() == 1
+    err = capsys.readouterr().err
+    assert "warm-up: simclr's default 10 epochs is more than 10% of this 2-epoch run" in err
     assert warmup(warmup_epochs=0.6) == 3
     assert warmup(warmup_epochs=0) == 0
+    assert warmup(warmup_epochs=10) == 10 * STEPS_PER_EPOCH
+    assert "warm-up" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
-def test_per_backbone_recipe_warmup_is_capped(
+def test_per_backbone_default_warmup_is_capped(
     backbone: str, idx_data: Path, tmp_path: Path
 ) -> None:
     # MoCo v3's ResNet recipe warms up for 10 epochs, its ViT recipe for 40: each is the
-    # recipe's own value for its backbone, so each is capped on a short run.
+    # built-in default for its backbone, so each is capped on a short run.
     o = _overrides(idx_data, tmp_path / backbone, None)
     o["backbone"] = {"name": backbone}
     method_cls, run, mcfg = api.resolve_config("moco-v3", overrides=o)
-    assert run.schedule.warmup_epochs == (10 if backbone == "test_resnet" else 40)
+    assert run.schedule.warmup_epochs is None
+    assert method_cls.recipe_for(backbone).schedule["warmup_epochs"] == (
+        10 if backbone == "test_resnet" else 40
+    )
     assert Trainer(run, method_cls, mcfg).warmup_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("recipe", "warmup", "how"),
+    [
+        ("moco-v3-vit-s-imagenet.toml", 40, "file"),
+        ("byol-imagenet.toml", 10, "file"),
+        ("byol-imagenet.toml", 10, "set"),
+    ],
+)
+def test_stated_warmup_of_a_recipe_is_never_shortened(
+    recipe: str, warmup: int, how: str, idx_data: Path, tmp_path: Path
+) -> None:
+    """The official warm-ups (MoCo v3 ViT-S 40 of 300 epochs; BYOL 10 epochs) stay whole.
+
+    They used to be shortened whenever the run was shorter than 10x the warm-up: a value
+    equal to the class recipe's was taken to be the built-in default and capped, so the
+    ViT-S file's 40 of 300 epochs became 30, and BYOL's file (or ``--set
+    schedule.warmup_epochs=10``) lost its warm-up on any run under 100 epochs.
+    """
+    o = _overrides(idx_data, tmp_path / "r", None, epochs=300 if warmup == 40 else 50)
+    o["backbone"] = {"name": "test_vit" if "vit" in recipe else "test_resnet"}
+    if "vit" in recipe:
+        o["backbone"]["kwargs"] = {"num_heads": 2}
+    recipes = Path(__file__).parent.parent / "examples" / "recipes"
+    config = recipes / recipe if how == "file" else None
+    sets = ["schedule.warmup_epochs=10"] if how == "set" else None
+    method_cls, run, mcfg = api.resolve_config(
+        None if config else "byol", config=config, overrides=o, sets=sets
+    )
+    tr = Trainer(run, method_cls, mcfg)
+    assert run.schedule.warmup_epochs == warmup
+    assert tr.warmup_steps == warmup * STEPS_PER_EPOCH
 
 
 def _cli(args: list[str]) -> list[str]:
@@ -279,8 +322,9 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(idx_data: Path, tmp_path:
         ("instdisc", [1.0] * 6 + [0.1] * 2 + [0.01] * 2),
         # CMC: 120/160/200 of 240 -> steps 5, round(6.67) = 7, round(8.33) = 8.
         ("cmc", [1.0] * 5 + [0.1] * 2 + [0.01] + [0.001] * 2),
-        # InvaSpread: 120 of 300 -> step 4.
-        ("invaspread", [1.0] * 4 + [0.1] * 6),
+        # InvaSpread (after the official "fix lr bug"): x0.1, x0.05, x0.01 of the base lr
+        # at 120, 160, 200 of 301 -> steps round(3.99) = 4, round(5.32) = 5, round(6.64) = 7.
+        ("invaspread", [1.0] * 4 + [0.1] + [0.05] * 2 + [0.01] * 3),
     ],
 )
 def test_recipe_milestones_are_fractions_of_any_run(
@@ -304,3 +348,11 @@ def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> No
         o["schedule"]["milestones"] = bad
         with pytest.raises(ConfigError, match=why):
             api.resolve_config("simclr", overrides=o)
+    # One factor per milestone, relative to the base lr (not compounded), in any order.
+    o["schedule"] = {"kind": "step", "milestones": [1.6, 0.5], "milestone_factors": [0.01, 0.2]}
+    method_cls, run, mcfg = api.resolve_config("simclr", overrides=o)
+    tr = Trainer(run, method_cls, mcfg)
+    assert [tr.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.2] * 3 + [0.01] * 2
+    o["schedule"]["milestone_factors"] = [0.1]
+    with pytest.raises(ConfigError, match="1 values for 2 milestones"):
+        api.resolve_config("simclr", overrides=o)

@@ -212,7 +212,8 @@ def test_recipes_resolve() -> None:
     _, run, cfg = api.resolve_config("simsiam")
     assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("sgd", 0.05, 1e-4)
     assert run.optim.momentum == 0.9 and not run.optim.exclude_norm_bias
-    assert run.schedule.kind == "cosine" and run.schedule.warmup_epochs == 0
+    assert run.schedule.kind == "cosine" and run.schedule.warmup_epochs is None
+    assert SimSiam.recipe.schedule["warmup_epochs"] == 0
     assert cfg.fix_pred_lr and cfg.proj_dim == 2048 and cfg.pred_hidden_dim == 512
     _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-imagenet.toml")
     assert run.method == "simsiam" and run.trainer.batch_size == 512 and run.trainer.epochs == 100

@@ -11,7 +11,10 @@ from sslcli.cli.console import err, out
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate a run, a checkpoint or an exported model: knn | linear | finetune.",
+    help="Evaluate a run, a checkpoint or an exported model: knn | linear | finetune. "
+    "What is evaluated by default is the method's encoder's pooled backbone feature (DINO: "
+    "the teacher); --which picks another representation, e.g. 'embedding', the 128-d unit "
+    "embedding InstDisc's and InvaSpread's published kNN numbers use.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -33,7 +36,13 @@ DATA = typer.Option(
     None, "--data", "-d", help="'digits', DIR or format:DIR (default: the run's own data)."
 )
 WHICH = typer.Option(
-    None, "--which", help="Encoder to evaluate (e.g. teacher | student); default: the method's."
+    None,
+    "--which",
+    help="Representation to evaluate. Default: the method's evaluated encoder's pooled "
+    "backbone feature (DINO: the teacher; CMC: both encoders). Others by name: student "
+    "(DINO), key_backbone (MoCo v1/v2), momentum_backbone (MoCo v3), target_backbone "
+    "(BYOL), l | ab (CMC), embedding (InstDisc, InvaSpread: the 128-d unit embedding "
+    "their published kNN numbers use).",
 )
 FRACTION = typer.Option(
     None,

@@ -16,13 +16,23 @@ def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.
 
 
 def warmup_step(
-    step: int, steps_per_epoch: int, warmup: int, milestones: Sequence[float], gamma: float
+    step: int,
+    steps_per_epoch: int,
+    warmup: int,
+    milestones: Sequence[float],
+    gamma: float,
+    factors: Sequence[float] | None = None,
 ) -> float:
-    """Linear warm-up, then multiply by ``gamma`` at each milestone epoch passed."""
+    """Linear warm-up, then multiply by ``gamma`` at each milestone epoch passed; with
+    ``factors`` (one per milestone, relative to the base lr), the factor of the latest
+    milestone passed instead (InvaSpread: ×0.1, ×0.05, ×0.01 at 120, 160, 200)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     epoch = step / max(1, steps_per_epoch)
-    return gamma ** sum(1 for m in milestones if epoch >= m)
+    if factors is None:
+        return gamma ** sum(1 for m in milestones if epoch >= m)
+    passed = [(m, f) for m, f in zip(milestones, factors, strict=True) if epoch >= m]
+    return max(passed)[1] if passed else 1.0
 
 
 def warmup_constant(step: int, warmup: int) -> float:

@@ -36,8 +36,16 @@ class WeightNormLinear(nn.Module):
         """The effective weight ``g · v / ‖v‖`` (each row's norm equals its ``g``)."""
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return F.linear(x, self.weight)
+    def forward(self, x: Tensor) -> Tensor:
+        """``x Wᵀ`` in fp32 with autocast off, whatever the input dtype.
+
+        DINO's last layer gives the logits of both softmaxes (student τ 0.1, teacher
+        τ_t 0.04): bf16's 8-bit mantissa would move a teacher logit of 1/τ_t = 25 by up to
+        0.1. The official code runs it under fp16 autocast (11 bits); fp32 costs one
+        [N, 256] × [256, K] product, small next to the backbone.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
     def extra_repr(self) -> str:
         fixed = not self.weight_g.requires_grad
@@ -60,6 +68,9 @@ class DINOHead(nn.Module):
     are initialised N(0, 0.02²) truncated at ±2 with zero biases, as in the code.
     ``use_bn`` inserts BatchNorm1d after each hidden linear layer (the code's
     ``use_bn_in_head``, off by default).
+
+    Precision: the MLP follows autocast (bf16 on CUDA, like the backbone); the last layer
+    always computes in fp32 (:class:`WeightNormLinear`), so the K logits are fp32.
     """
 
     def __init__(

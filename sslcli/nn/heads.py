@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -43,3 +44,21 @@ class MLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - Sequential semantics
         return super().forward(x)
+
+
+class UnitEmbedding(nn.Module):
+    """``n(head(backbone(x)))`` in fp32: the unit embedding a method trains on, offered for
+    evaluation (``ssl eval --which embedding``) where the method's published kNN numbers
+    read it rather than the backbone's pooled feature (InstDisc, InvaSpread: 128-d).
+
+    It holds references to the method's own modules (no copy), so it always evaluates the
+    current weights. It is not a timm network, so ``ssl export`` cannot write it.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)

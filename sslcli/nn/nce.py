@@ -151,6 +151,7 @@ def bank_softmax_loss(
     index: cross-entropy of ``f·Vᵀ/τ`` against ``index`` (official ``LinearAverage`` +
     ``CrossEntropyLoss``).
     Returns (loss, logits [B, N]). The bank must not be modified before backward.
+    Precision: fp32 with autocast off (logits at 1/τ ≈ 14).
     """
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         logits = anchors.float() @ bank.float().T / temperature
@@ -164,7 +165,7 @@ def sampled_softmax_loss(
 
     The official ``NCESoftmaxLoss``: the K+1 scores ``v·f/τ`` (positive in column 0) are
     logits and the label is 0 — a softmax over the sampled rows, not over the whole bank.
-    Returns (loss, logits [B, K+1]).
+    Returns (loss, logits [B, K+1]). Precision: fp32 with autocast off.
     """
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         logits = bank_scores(anchors.float(), rows.float()) / temperature

@@ -37,7 +37,8 @@ def byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
     target network to compute L̃; ... L^BYOL = L + L̃" (Grill et al. 2020, Sec. 3.1).
     ``p_i`` is the online prediction of view i and ``z_i`` the target projection of view
     i, so each prediction is regressed onto the *other* view's target. The batch mean of
-    the per-sample sum is what the official code returns (range [0, 8]).
+    the per-sample sum is what the official code returns (range [0, 8]). Precision: fp32
+    (element-wise on fp32 copies, which autocast never lowers).
     """
     return (normalized_mse(p1, z2) + normalized_mse(p2, z1)).mean()
 
@@ -56,6 +57,7 @@ def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
 
     "L = ½D(p₁, stopgrad(z₂)) + ½D(p₂, stopgrad(z₁))" (Chen & He 2020, Eq. 4); its minimum
     is −1. A loss stuck at −1 with near-zero per-dimension std of n(z) is collapse.
+    Precision: fp32 (element-wise on fp32 copies, which autocast never lowers).
     """
     return 0.5 * (negative_cosine(p1, z2).mean() + negative_cosine(p2, z1).mean())
 
