@@ -1121,6 +1121,12 @@ def window_means(pending: dict[str, list[Tensor]], device: torch.device) -> Tens
 
 
 def _first_line(e: BaseException) -> str:
+    """``Type: first line`` of the root cause (the compiler wraps what its backend raised)."""
+    while True:
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e = inner
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
