@@ -425,3 +425,42 @@ def test_knn_reference_set_is_bounded(idx_data: Path, tmp_path: Path) -> None:
     assert acc is not None and 0 <= acc <= 1
     assert sum(rows) == 16 + 10  # 16 of the 40 training images, every test image
     assert calls == [(16, tr.device)]  # searched where the model runs
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared GPU check
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_check() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_plans_every_method_and_skips_cleanly_without_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = gc.main(["--dry", "--out", str(tmp_path / "dry")])
+    saved = json.loads((tmp_path / "dry" / "gpu_check.json").read_text())
+    planned = [(s["method"], s["backbone"]) for s in saved["plan"] if s["section"] == "methods"]
+    assert {m for m, _ in planned} == set(METHODS)
+    assert {m for m, b in planned if b == "vit-s"} == {"moco-v3", "dino"}
+    assert all(s["batch_size"] == 256 for s in saved["plan"] if s["section"] == "methods")
+    assert [s["section"] for s in saved["plan"][-3:]] == ["compile", "torchrun", "jpeg"]
+    kinds = res["dry"]["jpeg_kinds_pil_decoded"]
+    assert sorted(kinds) == sorted(gc.JPEG_KINDS)
+    # without CUDA the real run says so and stops with a result file, not a traceback
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    res = gc.main([])
+    assert res["skipped"] == "no CUDA device"
+    assert "no CUDA device" in (tmp_path / "out" / "gpu_check.log").read_text()
+    with pytest.raises(SystemExit, match="unknown nope"):
+        gc.main(["--dry", "--methods", "simclr,nope", "--out", str(tmp_path / "x")])
