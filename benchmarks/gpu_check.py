@@ -50,6 +50,30 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 BUDGET_S = 7.5 * 60
+DEV = "cuda"  # "cpu" with --cpu-smoke: the methods and compile sections, to test the script
+
+
+def _cuda() -> bool:
+    return DEV == "cuda"
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if _cuda() else 0
+
+
+def _reset_peak() -> None:
+    if _cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if _cuda() else 0
 VIT_METHODS = ("moco-v3", "dino")
 JPEG_KINDS = ("baseline", "progressive", "grayscale", "cmyk")
 
@@ -83,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting sections after")
     p.add_argument("--dry", action="store_true", help="print the plan and exit (any machine)")
     p.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the methods and compile sections on the CPU (tests the script)")
     return p.parse_args(argv)
 
 
@@ -132,7 +158,8 @@ def make_trainer(method: str, backbone: str, size: int, batch: int, out: Path, *
     overrides = {
         "backbone": {"name": backbone},
         "data": {"dataset": "digits", "image_size": size, "num_workers": 0},
-        "trainer": {"device": "cuda", "precision": "bf16", "batch_size": batch, "epochs": 100,
+        "trainer": {"device": DEV, "precision": "bf16" if _cuda() else "fp32",
+                    "batch_size": batch, "epochs": 100,
                     "eval_knn": False, "log_every": 10**9, "out": str(out), **trainer},
     }  # fmt: skip
     method_cls, run, mcfg = resolve_config(method, overrides=overrides)
@@ -148,7 +175,7 @@ def device_batches(tr: Any, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor
     for k in range(n):
         x = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
         idx = (torch.arange(b) + k * b) % size
-        out.append((x.cuda(), torch.zeros(b, dtype=torch.long).cuda(), idx.cuda()))
+        out.append((x.to(DEV), torch.zeros(b, dtype=torch.long).to(DEV), idx.to(DEV)))
     return out
 
 
@@ -156,15 +183,17 @@ def count_syncs(step: Callable[[], Any]) -> dict[str, Any]:
     """Host syncs of one step: the Python-level guard and CUDA's own sync reports."""
     from sslcli.engine.sync_guard import HostSyncGuard
 
-    torch.cuda.synchronize()
+    _sync()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if _cuda():
+            torch.cuda.set_sync_debug_mode("warn")
         try:
-            with HostSyncGuard(device_only=True) as g:
+            with HostSyncGuard(device_only=_cuda()) as g:
                 step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            if _cuda():
+                torch.cuda.set_sync_debug_mode("default")
     cuda_reports = [str(w.message).splitlines()[0] for w in caught
                     if "synchroniz" in str(w.message).lower()]  # fmt: skip
     return {
@@ -179,9 +208,8 @@ def count_syncs(step: Callable[[], Any]) -> dict[str, Any]:
 def run_method(method: str, backbone: str, size: int, args: argparse.Namespace, work: Path,
                log: Log) -> dict[str, Any]:  # fmt: skip
     gc.collect()  # the previous method's trainer
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    _reset_peak()
+    base = _allocated()
     t0 = time.perf_counter()
     tr = make_trainer(method, backbone, size, args.batch_size, work / f"{method}-{backbone}")
     pool = device_batches(tr)
@@ -198,17 +226,17 @@ def run_method(method: str, backbone: str, size: int, args: argparse.Namespace, 
         tr.step += 1
 
     step()  # warm-up: cuDNN autotuning, lazy state
-    torch.cuda.synchronize()
+    _sync()
     build_s = time.perf_counter() - t0
-    persistent = torch.cuda.memory_allocated() - base
-    torch.cuda.reset_peak_memory_stats()
+    persistent = _allocated() - base
+    _reset_peak()
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = _peak() - base
     syncs = count_syncs(step)
     rec = tr._log_record(0.0, 1.0)  # one log line (its one transfer) works on CUDA
     finite = bool(torch.isfinite(torch.stack(losses)).all())
@@ -245,13 +273,13 @@ def run_compile(args: argparse.Namespace, work: Path, log: Log) -> dict[str, Any
         pool = device_batches(tr)
         t = time.perf_counter()
         tr.train_step(*pool[0])
-        torch.cuda.synchronize()
+        _sync()
         first = time.perf_counter() - t
         times = []
         for i in range(max(3, args.steps)):
             t = time.perf_counter()
             tr.train_step(*pool[i % 2])
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter() - t)
         key = "compiled" if compiled else "eager"
         fell_back = compiled and tr.model is tr.method
@@ -261,7 +289,7 @@ def run_compile(args: argparse.Namespace, work: Path, log: Log) -> dict[str, Any
             f"{res[key]['ms_per_step']:.1f} ms/step {messages or ''}")  # fmt: skip
         del tr, pool
         gc.collect()
-        torch.cuda.empty_cache()
+        _reset_peak()
     return res
 
 
@@ -337,13 +365,13 @@ def ddp_child(args: argparse.Namespace) -> None:
             tr._compile()
         t = time.perf_counter()
         tr.train_step(*pool[0])
-        torch.cuda.synchronize()
+        _sync()
         first = time.perf_counter() - t
         times = []
         for i in range(max(3, args.steps)):
             t = time.perf_counter()
             tr.train_step(*pool[i % 2])
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter() - t)
         res[mode] = {"first_step_s": first, "ms_per_step": 1000 * statistics.median(times),
                      "fell_back": mode == "compiled" and tr.model is ddp}  # fmt: skip
@@ -449,7 +477,9 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global DEV
     args = parse_args(argv)
+    DEV = "cpu" if args.cpu_smoke else "cuda"
     if args.ddp_child:
         ddp_child(args)
         return {}
@@ -469,7 +499,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"generated and PIL-decoded JPEGs: {decoded}")
         _write(out, result, log)
         return result
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        steps = [s for s in steps if s["section"] in ("methods", "compile")]
+    elif not torch.cuda.is_available():
         log("no CUDA device here: the GPU check is skipped (--dry shows what it would run)")
         result["skipped"] = "no CUDA device"
         _write(out, result, log)

@@ -464,3 +464,14 @@ def test_gpu_check_plans_every_method_and_skips_cleanly_without_cuda(
     assert "no CUDA device" in (tmp_path / "out" / "gpu_check.log").read_text()
     with pytest.raises(SystemExit, match="unknown nope"):
         gc.main(["--dry", "--methods", "simclr,nope", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_gpu_check_method_section_runs_on_cpu(tmp_path: Path) -> None:
+    """The per-method code of the GPU check, run on the CPU (timings mean nothing here)."""
+    gc = _gpu_check()
+    res = gc.main(["--cpu-smoke", "--methods", "simclr", "--batch-size", "8", "--steps", "1",
+                   "--skip", "compile", "--out", str(tmp_path)])  # fmt: skip
+    (m,) = res["methods"]
+    assert m["method"] == "simclr" and m["losses_finite"]
+    assert m["syncs_per_step"]["guard_engine"] == 1 and not m["syncs_per_step"]["guard_unexpected"]
