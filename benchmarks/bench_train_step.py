@@ -14,9 +14,11 @@ measured):
                       views from one per-sample affine crop + flip (``affine_grid`` /
                       ``grid_sample``, no torchvision), both encoders, the same loss,
                       backward, ``AdamW.step``, EMA.
-* ``+ compile``    -- with ``--compile``: both, with the backbone under ``torch.compile`` (the
-                      trainer's ``compile=True`` compiles the backbone only). Meant for CUDA;
-                      on a CPU it works but compiling takes minutes.
+* ``+ compile``    -- with ``--compile``: both, each with its whole forward under
+                      ``torch.compile`` (the trainer's ``compile=True`` compiles the module
+                      each step calls, the method; the reference compiles its ``loss``:
+                      encoders, heads, EMA, loss). Meant for CUDA; on a CPU it works but
+                      compiling takes minutes.
 * ``lightly``      -- with ``--lightly`` and lightly installed (``pip install lightly``): the
                       reference loop with lightly's MoCo v3 parts (``MoCoProjectionHead``,
                       ``BYOLPredictionHead``, ``update_momentum``, ``cosine_schedule``).
@@ -332,8 +334,6 @@ def build_reference(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = trainable(model)
-    if compile_:
-        model.backbone = torch.compile(model.backbone)  # type: ignore[assignment]
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=1.5e-4 * args.batch_size / 256,
@@ -345,6 +345,8 @@ def build_reference(
     dtype = facts["dtype"]
     counter = {"k": 0}
     loss_fn = model.loss  # type: ignore[operator]
+    if compile_:
+        loss_fn = torch.compile(loss_fn)
 
     def step() -> None:
         images = pool[counter["k"] % len(pool)][0]
@@ -353,14 +355,16 @@ def build_reference(
         if channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
+        # The same order and sync point as Trainer.train_step: gradients freed before the
+        # forward, backward queued, then the one host read (is the loss finite?) before
+        # the optimiser step. Reading it before backward, as this loop once did, stalls
+        # the device while the host waits and would flatter sslcli.
+        opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(x1, x2)
-        # The engine checks every loss on the host before stepping; so does the reference,
-        # otherwise the comparison would charge sslcli for a sync the bare loop skips.
+        loss.backward()
         if not bool(torch.isfinite(loss.detach())):
             raise RuntimeError("reference loss is not finite")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         opt.step()
 
     return {"step": step, "params": params}

@@ -140,7 +140,7 @@ class CMC(Method):
         self.nce_l = NCELoss(dataset_size, c.temperature, c.z_momentum)
         self.nce_ab = NCELoss(dataset_size, c.temperature, c.z_momentum)
         # This step's features, applied to the banks after the optimiser step (not state).
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor, Tensor, bool] | None = None
 
     def views(self) -> list[ViewSpec]:
         c = self.config
@@ -186,16 +186,18 @@ class CMC(Method):
                 logs["ab_acc"] = (logits_ab.argmax(dim=1) == 0).float().mean()
         logs["l_loss"] = loss_l.detach()
         logs["ab_loss"] = loss_ab.detach()
-        self._pending = (batch.index.detach(), f_l.detach(), f_ab.detach())
+        self._pending = (
+            batch.index.detach(), f_l.detach(), f_ab.detach(), batch.index_distinct
+        )
         return StepOutput(loss=loss_l + loss_ab, logs=logs, embedding=f_l.detach())
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         # Rows were read for this step's loss; now each bank takes its own view's features.
         if self._pending is not None:
-            index, f_l, f_ab = self._pending
+            index, f_l, f_ab, distinct = self._pending
             self._pending = None
-            self.memory_l.update(index, f_l)
-            self.memory_ab.update(index, f_ab)
+            self.memory_l.update(index, f_l, distinct)
+            self.memory_ab.update(index, f_ab, distinct)
 
     # -- evaluation and export ------------------------------------------------------------------
     def encoder(self) -> nn.Module:

@@ -128,7 +128,7 @@ class InstDisc(Method):
         # The features of the current step wait here until after the optimiser step: the
         # softmax variant's backward still needs the bank as it was when it was read. Not
         # state: it lives from training_step to after_optimizer_step of the same step.
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor, bool] | None = None
 
     def views(self) -> list[ViewSpec]:
         c = self.config
@@ -172,13 +172,13 @@ class InstDisc(Method):
             loss, logits = bank_softmax_loss(f, self.memory.bank, batch.index, c.temperature)
             with torch.no_grad():
                 logs["acc"] = (logits.argmax(dim=1) == batch.index).float().mean()
-        self._pending = (batch.index.detach(), f.detach())
+        self._pending = (batch.index.detach(), f.detach(), batch.index_distinct)
         return StepOutput(loss=loss, logs=logs, embedding=f.detach())
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         # The official update order: rows were read for this step's loss, now they take
         # the new features ("v_i ← m·v_i + (1 − m)·f_i", then normalised).
         if self._pending is not None:
-            index, f = self._pending
+            index, f, distinct = self._pending
             self._pending = None
-            self.memory.update(index, f)
+            self.memory.update(index, f, distinct)

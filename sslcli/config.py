@@ -163,6 +163,14 @@ class TrainerConfig(_Section):
     eval_knn: bool = Field(True, description="kNN top-1 vs random init at the end (labels).")
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
+    knn_max_train: int | None = Field(
+        100_000,
+        ge=1,
+        description="Reference images of the training kNN monitor: a larger labelled "
+        "training split is subsampled to this many (a fixed random subset drawn from "
+        "trainer.seed, the same before and after training); null: the whole split. "
+        "`ssl eval knn` always uses every image.",
+    )
     max_steps: int | None = Field(
         None,
         ge=1,

@@ -52,6 +52,10 @@ class Batch:
     """Dataset indices of the samples (memory-bank methods need them), int64 [B]."""
     labels: Tensor | None = None
     """Class labels when the data has them (never used by the SSL loss itself)."""
+    index_distinct: bool = False
+    """True when no index occurs twice in the global batch. The trainer's batches always
+    are (each epoch is a permutation of the data); a memory bank then skips the check for
+    repeats, which costs a host sync."""
 
     @property
     def size(self) -> int:

@@ -22,7 +22,7 @@ from PIL import Image
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.data.datasets import UnreadableImageWarning, open_dataset
-from sslcli.engine import trainer as trainer_mod
+from sslcli.engine import knn_monitor
 from sslcli.engine.trainer import Trainer
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_knn_uses_only_labelled_training_images(
 ) -> None:
     data = str(write_stl10(tmp_path / "s", n_train=6, n_unlabelled=10, n_test=4))
     seen: list[int] = []
-    real = trainer_mod.extract
+    real = knn_monitor.extract
 
     def spy(embed: Any, dataset: Any, **kw: Any) -> Any:
         seen.append(len(dataset))
@@ -219,7 +219,7 @@ def test_knn_uses_only_labelled_training_images(
         assert bool((labels >= 0).all()), "an unlabelled image reached the kNN reference set"
         return feats, labels
 
-    monkeypatch.setattr(trainer_mod, "extract", spy)
+    monkeypatch.setattr(knn_monitor, "extract", spy)
     res = api.train(
         "simclr", overrides=tiny_overrides(data, tmp_path / "run", eval_knn=True, knn_k=3)
     )

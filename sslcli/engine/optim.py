@@ -47,13 +47,12 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 if wd:
                     grads = torch._foreach_add(grads, params, alpha=wd)
-                w_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                trust = [
-                    torch.where((w > 0) & (g > 0), eta * w / g, torch.ones_like(w))
-                    for w, g in zip(w_norms, g_norms, strict=True)
-                ]
-                grads = torch._foreach_mul(grads, trust)
+                # The trust ratios of all tensors at once, on stacked norms (the same
+                # element-wise arithmetic per tensor, a fixed number of kernels).
+                w = torch.stack(torch._foreach_norm(params))
+                g = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w > 0) & (g > 0), eta * w / g, torch.ones_like(w))
+                grads = torch._foreach_mul(grads, list(trust.unbind(0)))
             bufs = []
             for p, g in zip(params, grads, strict=True):
                 state = self.state[p]
@@ -71,6 +70,25 @@ class LARS(torch.optim.Optimizer):
                 params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"]
             )
         return loss
+
+
+@torch.no_grad()
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor shaped like its parameter the parameter's
+    memory layout (channels_last convolution weights, say).
+
+    A checkpoint stores state tensors contiguous; loaded back they would no longer match
+    their parameters' strides, and the foreach update kernels then take their slow path.
+    Values are copied unchanged.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def is_norm_or_bias(name: str, param: Tensor) -> bool:

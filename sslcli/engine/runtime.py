@@ -39,6 +39,17 @@ def autocast(
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def configure_backends(device: torch.device) -> None:
+    """Backend settings for training on ``device``.
+
+    CUDA: cuDNN benchmark mode. Every view of every method has a fixed size (a
+    ``ViewSpec`` size, a few of them for multi-crop), so the best convolution algorithm
+    is searched once per shape in the first steps and reused for the rest of the run.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

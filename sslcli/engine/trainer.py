@@ -50,9 +50,16 @@ from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, 
 from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import rundir, schedules
-from sslcli.engine.optim import build_optimizer, default_param_groups, scaled_lr
+from sslcli.engine.knn_monitor import knn_monitor
+from sslcli.engine.optim import (
+    build_optimizer,
+    default_param_groups,
+    match_param_layout,
+    scaled_lr,
+)
 from sslcli.engine.runtime import (
     autocast,
+    configure_backends,
     epoch_order,
     eval_mode,
     pick_device,
@@ -62,8 +69,7 @@ from sslcli.engine.runtime import (
     set_rng_state,
 )
 from sslcli.errors import CheckpointError, ConfigError, SSLError
-from sslcli.eval.features import eval_transform, extract
-from sslcli.eval.knn import knn_accuracies
+from sslcli.eval.features import eval_transform
 from sslcli.eval.online_probe import OnlineProbe
 from sslcli.method import Batch, Method, MethodConfig, StepInfo, StepOutput
 from sslcli.nn import dist
@@ -244,6 +250,7 @@ class Trainer:
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.precision, self.device)
         self._cuda = self.device.type == "cuda"
+        configure_backends(self.device)
 
         # -- resume: refuse an incompatible config before building anything -----------------
         self.resume_path: Path | None = None
@@ -335,19 +342,22 @@ class Trainer:
         self.method.to(self.device)
         if self._channels_last():
             self.method.to(memory_format=torch.channels_last)
-        if t.compile:
-            self._compile()
         self.views = ViewPipeline(self.method.views())
         self.aug_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + dist.rank())
         self.model: nn.Module = self.method
         if world > 1:
-            # DDP broadcasts rank 0's parameters and buffers here, so every process starts
-            # from the same weights whatever its seed.
+            # DDP broadcasts rank 0's parameters here (its buffers only below).
             self.model = nn.parallel.DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self._cuda else None,
-                broadcast_buffers=False,
+                **_no_buffer_sync(),
             )
+        # Every process seeded seed + rank before building the model: rank 0's random
+        # state (MoCo's queue, memory banks; DDP already sent the parameters) for all.
+        dist.broadcast_module_(self.method)
+        self._eager_model: nn.Module | None = None
+        if t.compile:
+            self._compile()
 
         # -- optimiser -------------------------------------------------------------------------
         o = run.optim
@@ -357,6 +367,8 @@ class Trainer:
         self.warmup_steps = self._warmup_steps()
         self._probe_norm: tuple[Tensor, Tensor] | None = None
         self.probe = self._make_probe()
+        if self.probe is not None:
+            dist.broadcast_module_(self.probe)
         self.probe_test: float | None = None
 
         self.step = 0
@@ -510,10 +522,49 @@ class Trainer:
         self.probe.step(feats.float(), labels)
 
     def _compile(self) -> None:
+        """``torch.compile`` the module each step calls: the DDP wrapper under torchrun
+        (compiling the wrapper is what lets the compiler split the graph at DDP's bucket
+        boundaries, so gradient all-reduces still overlap the backward pass; a compiled
+        module inside DDP would deliver all its gradients at the end), the method alone
+        otherwise. ``self.method`` stays the plain module: checkpoints hold its plain
+        parameter names, so a run compiled or not resumes either way. The compiler only
+        runs at the first call, which :meth:`_forward` guards."""
         try:
-            self.method.backbone = torch.compile(self.method.backbone)  # type: ignore[assignment]
+            compiled = torch.compile(self.model)
         except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
-            self._say(f"torch.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+            self._say(f"torch.compile unavailable ({_first_line(e)}); running eagerly")
+            return
+        self._eager_model, self.model = self.model, compiled  # type: ignore[assignment]
+
+    def _forward(self, batch: Batch, info: StepInfo) -> StepOutput:
+        """The model's forward; the first compiled one falls back to eager on failure.
+
+        Compilation errors (no C++ compiler, no Python headers, an unsupported backend)
+        surface at the first call, not at ``torch.compile``. A failure there restores
+        the buffers and RNG state a partly run forward may have changed, tells the user
+        in one line and runs the step eagerly; an error of the model itself then recurs
+        in the eager forward and propagates as it would without ``--compile``.
+        """
+        eager = self._eager_model
+        if eager is None:
+            return self.model(batch, info)  # type: ignore[no-any-return]
+        self._eager_model = None
+        saved = [b.detach().clone() for b in self.method.buffers()]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self._cuda else None
+        try:
+            return self.model(batch, info)  # type: ignore[no-any-return]
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raised
+            with torch.no_grad():
+                for b, v in zip(self.method.buffers(), saved, strict=True):
+                    b.copy_(v)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            self.model = eager
+            self._say(f"torch.compile failed at the first step ({_first_line(e)}); "
+                      "running eagerly")  # fmt: skip
+            return self.model(batch, info)  # type: ignore[no-any-return]
 
     def _warmup_steps(self) -> int:
         """Warm-up length in steps.
@@ -672,6 +723,7 @@ class Trainer:
             ) from e
         for g, cur in zip(self.optimizer.param_groups, current, strict=True):
             g.update(cur)
+        match_param_layout(self.optimizer)
         self._load_rank_state(groups.get("state", {}), meta)
         if self.probe is not None:
             if "probe" in groups:
@@ -849,12 +901,15 @@ class Trainer:
             views=views,
             index=torch.as_tensor(index).to(self.device, non_blocking=nb),
             labels=torch.as_tensor(labels).to(self.device, non_blocking=nb),
+            index_distinct=True,  # each epoch's order is a permutation
         )
         if self.run.trainer.skip_nonfinite > 0:
             self._backup_buffers()
-        with autocast(self.device, self.dtype):
-            out = self.model(batch, info)
+        # Before the forward: the previous step's gradients would otherwise stay alive
+        # through the forward's activation peak.
         self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.dtype):
+            out = self._forward(batch, info)
         # Backward before the finiteness check: the check must precede the update, and
         # reading it after backward has been queued keeps the device busy while the host
         # waits. (Under DDP every process must run backward anyway: it holds collectives.)
@@ -890,10 +945,11 @@ class Trainer:
                 [p for p in self.method.parameters() if p.grad is not None], o.grad_clip
             )
         # Per tensor, as DINO's clip_gradients: g *= min(1, clip / (||g|| + 1e-6)).
-        norms = torch._foreach_norm(grads)
-        coefs = [torch.clamp(o.grad_clip / (n + 1e-6), max=1.0) for n in norms]
-        torch._foreach_mul_(grads, coefs)
-        return torch.stack(norms).sum()
+        # (on the stacked norms: a fixed number of kernels however many tensors)
+        norms = torch.stack(torch._foreach_norm(grads))
+        coefs = torch.clamp(o.grad_clip / (norms + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, list(coefs.unbind(0)))
+        return norms.sum()
 
     def _agree(self, finite: Tensor) -> bool:
         """The step's one host sync: may this update be applied? (also: stop requested?)
@@ -907,9 +963,11 @@ class Trainer:
             if signum is not None:
                 self._stop_signum = signum
             return bool(finite)
+        # (torch.full fills on the device; torch.tensor would copy a host value there)
         flags = torch.stack(
-            [(~finite).to(torch.int64), torch.tensor(signum or 0, device=finite.device)]
-        )
+            [(~finite).to(torch.int64),
+             torch.full((), signum or 0, dtype=torch.int64, device=finite.device)]
+        )  # fmt: skip
         bad, sig = dist.all_reduce_max(flags).tolist()
         if sig:
             self._stop_signum = int(sig)
@@ -933,10 +991,13 @@ class Trainer:
         """kNN top-1 on the labelled test split, or None (no labels, or not rank 0).
 
         The reference set is the labelled part of the training split only (STL-10's
-        100,000 unlabelled images are never encoded for it).
+        100,000 unlabelled images are never encoded for it), at most
+        ``trainer.knn_max_train`` images of it. Every process takes part (see
+        :mod:`sslcli.engine.knn_monitor`): the decision to run depends only on the config
+        and the data, so all of them take it alike.
         """
         t = self.run.trainer
-        if not dist.is_main() or not t.eval_knn or self.dataset.classes is None:
+        if not t.eval_knn or self.dataset.classes is None:
             return None
         if len(self.dataset.classes) < 2:
             # Every neighbour votes for the one class: 100% whatever the encoder learnt.
@@ -953,22 +1014,24 @@ class Trainer:
         test = open_dataset(self.run.data.dataset, "test", self.load_size)
         spec = self.method.views()[0]
         kw: dict[str, Any] = dict(
-            size=self.run.data.image_size, device=self.device, normalize=spec.normalize,
+            size=self.run.data.image_size, normalize=spec.normalize,
             mean=spec.mean, std=spec.std,
         )  # fmt: skip
         if not train.in_memory:
             kw["num_workers"] = self._num_workers()
         with eval_mode(self.method), autocast(self.device, self.dtype):
-            tr_f, tr_y = extract(self.method.embed, train, **kw)
-            te_f, te_y = extract(self.method.embed, test, **kw)
+            res = knn_monitor(
+                self.method.embed, self.method, train, test, k=t.knn_k,
+                temperature=t.knn_temperature, num_classes=len(self.dataset.classes),
+                max_train=t.knn_max_train, seed=t.seed, device=self.device, extract_kw=kw,
+            )  # fmt: skip
         if self.probe is not None and self.step > 0:
-            keep = te_y >= 0
-            pred = self.probe.predict(te_f[keep].to(self.device)).argmax(1).cpu()
-            self.probe_test = int((pred == te_y[keep]).sum()) / max(1, int(keep.sum()))
-        # Similarity blocks sized to the reference set (an ImageNet-sized one never
-        # materialises a 1024 x 1.28M block).
-        accs = knn_accuracies(tr_f, tr_y, te_f, te_y, (t.knn_k,), t.knn_temperature)
-        return accs[t.knn_k]
+            keep = res.query_labels >= 0
+            pred = self.probe.predict(res.queries[keep]).argmax(1)
+            hits = torch.stack([(pred == res.query_labels[keep]).sum(), keep.sum()]).double()
+            right, n = dist.all_reduce_sum(hits).tolist()
+            self.probe_test = right / max(1.0, n)
+        return res.top1 if dist.is_main() else None
 
     # -- the run -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -1197,18 +1260,57 @@ class Trainer:
         keys = sorted(self._pending)
         n_steps = len(self._pending.get("loss", []))
         if keys:
-            # (host-side values, Python numbers a method logged, move only here)
-            dev = self.device
-            means = torch.stack(
-                [torch.stack([v.to(dev) for v in self._pending[k]]).mean() for k in keys]
-            )
-            values = dist.all_reduce_mean(means).tolist()
+            values = dist.all_reduce_mean(window_means(self._pending, self.device)).tolist()
             rec.update(zip(keys, values, strict=True))
         if clear:
             self._pending = {}
         if dt > 0 and n_steps:
             rec["images_per_s"] = n_steps * self.global_batch / dt
         return rec
+
+
+def window_means(pending: dict[str, list[Tensor]], device: torch.device) -> Tensor:
+    """The mean of each key's per-step values, one device tensor in sorted key order.
+
+    Device values are averaged on the device; host values (Python numbers a method
+    logged: a temperature, a momentum, a queue's fill) on the host, and reach the device
+    in one copy, not one per value.
+    """
+    keys = sorted(pending)
+    on_dev = [k for k in keys if all(v.device == device for v in pending[k])]
+    on_host = [k for k in keys if k not in on_dev]
+    means: dict[str, Tensor] = {}
+    if on_dev:
+        dev = torch.stack([torch.stack(pending[k]).mean() for k in on_dev])
+        means.update(zip(on_dev, dev.unbind(0), strict=True))
+    if on_host:
+        host = torch.stack([torch.stack([v.cpu() for v in pending[k]]).mean() for k in on_host])
+        means.update(zip(on_host, host.to(device).unbind(0), strict=True))
+    return torch.stack([means[k] for k in keys])
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line`` of the root cause (the compiler wraps what its backend raised)."""
+    while True:
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e = inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP keyword for "never broadcast buffers in forward": each process keeps its own
+    BatchNorm statistics (queues and banks are kept equal by the methods themselves).
+    Newer torch spells it ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated);
+    the trainer broadcasts the initial buffers itself either way."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -76,6 +76,29 @@ def knn_accuracies(
     ``SIM_BLOCK`` elements, so a 1.28M-image reference set costs ~0.5 GB per block, not 5.
     ``device`` is where the similarities are computed (default: the features' device).
     """
+    correct = knn_correct(
+        train_feats, train_labels, test_feats, test_labels, ks, temperature, num_classes,
+        chunk, device,
+    )  # fmt: skip
+    n = max(1, test_feats.shape[0])
+    return {k: correct[k] / n for k in ks}
+
+
+@torch.no_grad()
+def knn_correct(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    ks: tuple[int, ...] = (200, 20),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int | None = None,
+    device: torch.device | None = None,
+) -> dict[int, int]:
+    """Number of correctly classified queries for each k (see :func:`knn_accuracies`);
+    counts, so that shares of the queries searched on several processes add up. The
+    counts stay on the device until the end (one transfer, not one per chunk)."""
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train = F.normalize(train_feats.to(device).float(), dim=1)
@@ -84,17 +107,16 @@ def knn_accuracies(
     if chunk is None:
         chunk = max(1, min(1024, SIM_BLOCK // max(1, train.shape[0])))
     kmax = min(max(ks), train.shape[0])
-    correct = dict.fromkeys(ks, 0)
+    correct = torch.zeros(len(ks), dtype=torch.int64, device=train.device)
     for start in range(0, test.shape[0], chunk):
         sim = test[start : start + chunk] @ train.T
         top_sim, top_idx = sim.topk(kmax, dim=1)
         weights = (top_sim / temperature).exp()
         neighbour_labels = train_labels[top_idx]
         truth = test_labels[start : start + chunk].to(sim.device)
-        for k in ks:
+        for i, k in enumerate(ks):
             kk = min(k, kmax)
             votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
             votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            correct[k] += int((votes.argmax(1) == truth).sum())
-    n = max(1, test.shape[0])
-    return {k: correct[k] / n for k in ks}
+            correct[i] += (votes.argmax(1) == truth).sum()
+    return dict(zip(ks, (int(c) for c in correct.tolist()), strict=True))

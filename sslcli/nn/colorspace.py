@@ -18,7 +18,7 @@ returns): Y ∈ [16, 235], Cb and Cr ∈ [16, 240].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,15 @@ def _mix(x: Tensor, matrix: Sequence[Sequence[float]]) -> Tensor:
     return torch.stack([m[0] * r + m[1] * g + m[2] * b for m in matrix], dim=1)
 
 
+def _per_channel(x: Tensor, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """``fn(channel, i)`` on each channel of ``[B, C, H, W]``, restacked.
+
+    The constants enter as Python numbers (kernel arguments): a ``torch.tensor`` of them
+    on the device would be a host-to-device copy, and a host sync, at every call.
+    """
+    return torch.stack([fn(x[:, i], i) for i in range(x.shape[1])], dim=1)
+
+
 def rgb_to_lab(x: Tensor) -> Tensor:
     """sRGB in [0, 1] → CIE Lab (L in [0, 100]), D65 white, as ``skimage.color.rgb2lab``.
 
@@ -63,8 +72,7 @@ def rgb_to_lab(x: Tensor) -> Tensor:
     x = x.float().clamp(0, 1)
     linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)
     xyz = _mix(linear, RGB_TO_XYZ)
-    white = torch.tensor(D65_WHITE, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    t = xyz / white
+    t = _per_channel(xyz, lambda c, i: c / D65_WHITE[i])
     f = torch.where(t > 0.008856, t.clamp(min=1e-12).pow(1 / 3), 7.787 * t + 16 / 116)
     fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
@@ -73,15 +81,12 @@ def rgb_to_lab(x: Tensor) -> Tensor:
 def rgb_to_ycbcr(x: Tensor) -> Tensor:
     """sRGB in [0, 1] → YCbCr, BT.601 studio swing (Y in [16, 235]), as scikit-image."""
     x = x.float().clamp(0, 1)
-    offset = torch.tensor(YCBCR_OFFSET, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return _mix(x, RGB_TO_YCBCR) + offset
+    return _per_channel(_mix(x, RGB_TO_YCBCR), lambda c, i: c + YCBCR_OFFSET[i])
 
 
 def normalize_channels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x − mean) / std`` per channel; ``mean``/``std`` as long as ``x.shape[1]``."""
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    return _per_channel(x, lambda c, i: (c - mean[i]) / std[i])
 
 
 def luma_chroma_views(x: Tensor, space: str = "lab") -> tuple[Tensor, Tensor]:

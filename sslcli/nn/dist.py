@@ -134,6 +134,44 @@ def broadcast_(x: Tensor, src: int = 0) -> Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, src: int = 0) -> nn.Module:
+    """Every parameter and buffer of ``module`` overwritten with process ``src``'s (in place).
+
+    Processes seed ``seed + rank`` before building their model, so random initial state
+    (weights, MoCo's queue, memory banks, a probe) differs between them until this runs.
+    DDP broadcasts parameters at construction but, with ``broadcast_buffers=False``, not
+    buffers. Tensors go one by one in ``named_parameters``/``named_buffers`` order (the
+    same on every process); a non-contiguous one (channels_last) through a contiguous copy.
+    """
+    if not _multi():
+        return module
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_contiguous():
+            dist.broadcast(t.data, src)
+        else:
+            tmp = t.data.contiguous()
+            dist.broadcast(tmp, src)
+            t.data.copy_(tmp)
+    return module
+
+
+@torch.no_grad()
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every process along dim 0 (rank order), for any number of
+    rows per process (no gradient): one small all-gather of the row counts, then one of
+    the rows padded to the longest."""
+    if not _multi():
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [int(c) for c in gather(n).tolist()]
+    longest = max(counts)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = gather(padded).split(longest, 0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], 0)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from process ``src`` on every process (a small picklable Python value)."""
     if not _multi():

@@ -58,7 +58,7 @@ class MemoryBank(nn.Module):
         return out.view(*index.shape, self.dim)
 
     @torch.no_grad()
-    def update(self, index: Tensor, features: Tensor) -> None:
+    def update(self, index: Tensor, features: Tensor, distinct: bool = False) -> None:
         """``v_i ← n(m·v_i + (1 − m)·f_i)`` for every image ``i`` of the global batch.
 
         ``index`` [B] and ``features`` [B, D] are this process's; they are all-gathered
@@ -67,12 +67,16 @@ class MemoryBank(nn.Module):
         once per occurrence, in batch order, as if those samples had come one after the
         other — a plain ``index_copy_`` would keep one arbitrary occurrence. Duplicates
         cost one host synchronisation per step (the number of rounds); without them the
-        update is a single scatter.
+        update is a single scatter. ``distinct=True`` (the caller knows that no index
+        repeats: ``Batch.index_distinct``) skips the count, and with it the sync.
         """
         index = dist.gather(index.reshape(-1))
         feats = dist.gather(features.detach()).to(self.bank.dtype)
-        occurrence = _occurrence_rank(index)
-        rounds = int(occurrence.max().item()) + 1 if index.numel() else 0
+        if distinct:
+            rounds = 1
+        else:
+            occurrence = _occurrence_rank(index)
+            rounds = int(occurrence.max().item()) + 1 if index.numel() else 0
         m = self.momentum
         for r in range(rounds):
             sel = occurrence == r if rounds > 1 else slice(None)
