@@ -150,11 +150,17 @@ def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
     return _export(target, out, **kw)
 
 
-def compare(run_dirs: Any = (), **kw: Any) -> Any:
-    """Collect runs (or train ``methods=[...]``) into one comparison."""
+def compare(run_dirs: Any = (), *, report_path: str | Path | None = None, **kw: Any) -> Any:
+    """Collect runs (or train ``methods=[...]``) into one comparison; with
+    ``report_path``, also one HTML page of them side by side."""
     from sslcli.comparison import compare as _compare
 
-    return _compare(run_dirs, **kw)
+    result = _compare(run_dirs, **kw)
+    if report_path is not None and result.summaries:
+        from sslcli.report import write_compare_report
+
+        write_compare_report(result.summaries, report_path)
+    return result
 
 
 def embed(target: str | Path | None = None, **kw: Any) -> Any:

@@ -426,13 +426,12 @@ def compare(
     *,
     methods: Sequence[str] = (),
     plot_path: str | Path | None = None,
-    report_path: str | Path | None = None,
     say: Callable[[str], None] = lambda m: None,
     console: Any = None,
     **train_options: Any,
 ) -> CompareResult:
     """Summaries of ``run_dirs`` (default: every run under ./runs), after training
-    ``methods`` if given; optionally a PNG of their curves and an HTML report."""
+    ``methods`` if given; optionally a PNG of their curves."""
     failures: dict[str, str] = {}
     dirs = [Path(p) for p in run_dirs]
     if methods:
@@ -446,8 +445,4 @@ def compare(
     summaries = [read_run(d) for d in dirs]
     if plot_path is not None and summaries:
         plot(summaries, plot_path)
-    if report_path is not None and summaries:
-        from sslcli.report import write_compare_report
-
-        write_compare_report(summaries, report_path)
     return CompareResult(summaries, failures)

@@ -112,14 +112,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def differences_from_defaults(config: dict[str, Any]) -> list[tuple[str, Any, Any]] | None:
     """``(dotted key, value, default)`` where the run's config differs from what the
     method's defaults alone resolve to (None when the method is not installed)."""
-    from sslcli import api
+    from sslcli import registry
+    from sslcli.config import resolve
 
     m = config.get("method")
     name = m.get("name") if isinstance(m, dict) else m
     if not isinstance(name, str) or not name:
         return None
     try:
-        _, run, _ = api.resolve_config(name)
+        run, _ = resolve(registry.load(name), [])
     except SSLError:
         return None
     ours, base = _flatten(config), _flatten(run.to_json_dict())

@@ -45,6 +45,7 @@ def compare(
     ),
 ) -> None:
     """Compare runs in one table (and a plot); or train several methods alike and compare."""
+    from sslcli import api
     from sslcli import comparison as cmp
     from sslcli.errors import SSLError
 
@@ -57,7 +58,7 @@ def compare(
         v is not None for v in (data, epochs, backbone, batch_size, image_size, seed, max_steps)
     ):
         raise SSLError("--data/--epochs/--backbone/... only apply with --methods")
-    result = cmp.compare(
+    result = api.compare(
         run_dirs or [],
         methods=names,
         plot_path=plot,
