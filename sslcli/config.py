@@ -16,7 +16,7 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sslcli.errors import ConfigError
+from sslcli.errors import ConfigError, suggest
 
 
 class _Section(BaseModel):
@@ -281,12 +281,12 @@ def resolve(
     try:
         run = RunConfig(method=method_cls.name, **merged)
     except ValidationError as e:
-        errors.extend(format_validation_error(e))
+        errors.extend(format_validation_error(e, model=RunConfig))
     mcfg = None
     try:
         mcfg = method_cls.Config(**method_opts)
     except ValidationError as e:
-        errors.extend(format_validation_error(e, prefix="method"))
+        errors.extend(format_validation_error(e, prefix="method", model=method_cls.Config))
     if errors or run is None:
         raise ConfigError(errors)
     run.method_options = mcfg.model_dump(mode="json")
@@ -312,14 +312,37 @@ def _normalise_layer(layer: dict[str, Any]) -> dict[str, Any]:
     return layer
 
 
-def format_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
+def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The option names of the (nested) model that holds ``loc``'s last part."""
+    cur = model
+    for part in loc[:-1]:
+        if cur is None:
+            return []
+        field = cur.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(cur.model_fields) if cur is not None else []
+
+
+# pydantic prefixes the message of a ValueError / assert raised in a validator.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def format_validation_error(
+    e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[str]:
+    """One line per bad field; ``model`` (the validated class) lets an unknown option get
+    a "did you mean"."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
         path = ".".join(p for p in (prefix, loc) if p)
         msg = err["msg"]
+        for pre in _PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(pre)
         if err["type"] == "extra_forbidden":
-            msg = "unknown option"
+            known = _fields_at(model, tuple(err["loc"]))
+            msg = "unknown option" + suggest(str(err["loc"][-1]), known)
         got = err.get("input")
         shown = (
             ""
