@@ -353,10 +353,26 @@ def format_validation_error(
     return lines
 
 
-def save_json(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+def save_json(config: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """The resolved config; ``extra`` adds top-level records that are not settings (the
+    plugin that trained the run), which :func:`load_run_config` leaves out again."""
+    path.write_text(json.dumps({**config.to_json_dict(), **(extra or {})}, indent=2) + "\n")
+
+
+# Top-level keys of a run's config.json that are records, not settings.
+RUN_RECORDS = ("plugin",)
 
 
 def load_run_config(path: Path) -> dict[str, Any]:
-    """The resolved config of a run directory, as a recipe layer."""
-    return json.loads(path.read_text())
+    """The resolved config of a run directory, as a recipe layer (records left out)."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        for key in RUN_RECORDS:
+            data.pop(key, None)
+    return data  # type: ignore[no-any-return]
+
+
+def load_run_record(path: Path, key: str = "plugin") -> Any:
+    """A record a run keeps in its config.json next to the settings, or None."""
+    data = json.loads(path.read_text())
+    return data.get(key) if isinstance(data, dict) else None

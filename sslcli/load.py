@@ -262,7 +262,7 @@ def rebuild_method(
     name = cfg.method_name_of(config)
     if not name:
         raise TargetError(f"{source}: checkpoint does not say which method trained it")
-    method_cls = registry.load(name)
+    method_cls = registry.load_for_run(name, meta.get("plugin"), source=str(source))
     _, mcfg = cfg.resolve(method_cls, [config])
     # The spec exactly as trained (not re-derived from the alias), so a changed alias table
     # or default cannot silently rebuild a different network.

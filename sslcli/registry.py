@@ -271,7 +271,8 @@ def info_of(cls: type[Method]) -> PluginInfo:
             return reg
     package, version = "?", "?"
     try:
-        from importlib.metadata import packages_distributions, version as dist_version
+        from importlib.metadata import packages_distributions
+        from importlib.metadata import version as dist_version
 
         top = cls.__module__.partition(".")[0]
         dists = packages_distributions().get(top)
