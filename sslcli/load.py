@@ -273,7 +273,10 @@ def rebuild_method(
         small_stem=bool(bmeta.get("small_stem", False)),
         kwargs=dict(bmeta.get("kwargs", {})),
     )
-    method = method_cls(mcfg, spec.build(), dataset_size=int(meta.get("dataset_size") or 0))
+    from sslcli.engine.contract import build_method
+
+    # A plugin whose __init__ fails is named in one line, as in training.
+    method = build_method(method_cls, mcfg, spec.build(), int(meta.get("dataset_size") or 0))
     state = strip_prefixes(state)
     own = method.state_dict()
     missing = [k for k in own if k not in state]

@@ -242,9 +242,9 @@ def _dist_overrides(case: ContractCase, out: Path, batch: int) -> dict[str, Any]
     return case.overrides(
         out, batch_size=batch, max_steps=DIST_STEPS
     ) | {
-        # Plain SGD with a large constant lr: a few steps move the weights visibly and
-        # nothing depends on an lr schedule that counts processes.
-        "optim": {"name": "sgd", "lr": 0.5, "lr_scaling": "none", "weight_decay": 0.0,
+        # Plain SGD with a constant lr: a few steps move the weights visibly and nothing
+        # depends on an lr schedule that counts processes.
+        "optim": {"name": "sgd", "lr": 0.1, "lr_scaling": "none", "weight_decay": 0.0,
                   "momentum": 0.0},
         "schedule": {"kind": "constant", "warmup_epochs": 0},
     }  # fmt: skip
@@ -297,9 +297,12 @@ def check_two_processes_equal_one(case: ContractCase, tmp_path: Path) -> None:
         for k in init
         if init[k].is_floating_point()
     )
-    assert moved > 1e-3, "the weights hardly moved: the comparison would prove nothing"
+    assert moved > 1e-2, "the weights hardly moved: the comparison would prove nothing"
+    # Summing a batch in two halves rounds differently, and BatchNorm's backward over 8
+    # samples amplifies it a little each step (about 1e-4 after three steps): a method that
+    # mishandles the global batch (local negatives, local statistics) is off by far more.
     for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-3, msg=k)
 
 
 # ---------------------------------------------------------------------------------------------
