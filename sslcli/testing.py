@@ -45,7 +45,7 @@ import torch
 
 from sslcli import api, registry
 from sslcli.config import deep_merge
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, expand
 from sslcli.method import Method
 
 try:  # the pytest class needs pytest; the check functions do not
@@ -219,12 +219,14 @@ def check_export_loads_in_plain_timm(case: ContractCase, tmp_path: Path) -> None
 
 
 def still_views(specs: list[ViewSpec]) -> list[ViewSpec]:
-    """The same views (count, size, normalisation) without random parameters: whole-image
-    crops, no flip, no colour change, so processes cannot differ in what they draw."""
+    """The same views (order, sizes, normalisation) without random parameters, so
+    processes cannot differ in what they draw: whole-image crops, no colour change, and
+    every second view flipped, so the views of an image still differ."""
     return [
-        s.model_copy(update=dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
-                                 grayscale_p=0.0, blur_p=0.0, solarize_p=0.0))
-        for s in specs
+        s.model_copy(update=dict(count=1, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                 flip_p=float(i % 2), jitter_p=0.0, grayscale_p=0.0,
+                                 blur_p=0.0, solarize_p=0.0))
+        for i, s in enumerate(expand(specs))
     ]  # fmt: skip
 
 
@@ -244,7 +246,7 @@ def _dist_overrides(case: ContractCase, out: Path, batch: int) -> dict[str, Any]
     ) | {
         # Plain SGD with a constant lr: a few steps move the weights visibly and nothing
         # depends on an lr schedule that counts processes.
-        "optim": {"name": "sgd", "lr": 0.1, "lr_scaling": "none", "weight_decay": 0.0,
+        "optim": {"name": "sgd", "lr": 0.02, "lr_scaling": "none", "weight_decay": 0.0,
                   "momentum": 0.0},
         "schedule": {"kind": "constant", "warmup_epochs": 0},
     }  # fmt: skip

@@ -32,9 +32,10 @@ STATIC: dict[str, tuple[str, ...]] = {
     "cpc": ("context.*.masked.mask",),
     "swav": ("collapse_run",),
 }
-# Methods that draw random numbers inside their step (noise samples, shuffles), so two
-# processes cannot reproduce one process's draws.
-NOT_DISTRIBUTED_EQUAL: set[str] = set()
+# Methods that draw random numbers inside their step, so two processes cannot reproduce one
+# process's draws: NCE noise rows (InstDisc, CMC), the shuffle of shuffling BN (MoCo v1/v2),
+# CPC's per-patch augmentation.
+NOT_DISTRIBUTED_EQUAL: set[str] = {"instdisc", "cmc", "moco-v1", "moco-v2", "cpc"}
 
 
 def _sets(name: str) -> tuple[str, ...]:
