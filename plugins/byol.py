@@ -15,7 +15,7 @@ detail; see :class:`BYOL`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -27,7 +27,7 @@ from sslcli.backbones import (
     feature_dim,
     has_bottleneck_blocks,
 )
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, asymmetric_views
 from sslcli.engine.schedules import cosine_increase
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.ema import ema_update_, momentum_copy
@@ -57,45 +57,6 @@ def target_momentum(step: int, total_steps: int, base: float) -> float:
     maximum number of training steps" (Grill et al. 2020, Sec. 3.3).
     """
     return cosine_increase(step, total_steps, base, 1.0)
-
-
-def asymmetric_views(
-    size: int,
-    crop_min_scale: float,
-    blur_p: tuple[float, float] = (1.0, 0.1),
-    solarize_p: tuple[float, float] = (0.0, 0.2),
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic",
-) -> list[ViewSpec]:
-    """BYOL's two differently distributed views (Grill et al. 2020, Table 6).
-
-    Both: random resized crop (area ``crop_min_scale``–1, ratio 3/4–4/3), horizontal
-    flip p 0.5, colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)
-    with p 0.8, grayscale p 0.2, then mean/std normalisation. View 1: blur p 1.0, no
-    solarisation; view 2: blur p 0.1, solarisation p 0.2 (threshold 0.5). Blur kernel
-    ≈ 10 % of the side, σ ∈ [0.1, 2]. MoCo v3 uses the same views ("BYOL's augmentation").
-    """
-    return [
-        ViewSpec(
-            count=1,
-            size=size,
-            scale=(crop_min_scale, 1.0),
-            interpolation=interpolation,
-            flip_p=0.5,
-            jitter_p=0.8,
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.2,
-            hue=0.1,
-            grayscale_p=0.2,
-            blur_p=blur_p[i],
-            blur_sigma=(0.1, 2.0),
-            blur_kernel_frac=0.1,
-            solarize_p=solarize_p[i],
-            solarize_threshold=0.5,
-            normalize=True,
-        )
-        for i in range(2)
-    ]
 
 
 # -- configuration ----------------------------------------------------------------------------

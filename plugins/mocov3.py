@@ -18,11 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from sslcli_plugins.byol import asymmetric_views
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim, is_vit_name
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, asymmetric_views
 from sslcli.engine.schedules import cosine_increase
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput

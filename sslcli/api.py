@@ -37,19 +37,23 @@ def resolve_config(
     ``ssl train --resume RUN`` needs nothing else.
     """
     layers: list[dict[str, Any]] = []
+    record: Any = None
     if resume is not None:
         _check_resume_target(Path(resume))
         run_json = _run_config_path(Path(resume))
         if run_json is not None:
             layers.append(cfg.load_run_config(run_json))
+            record = cfg.load_run_record(run_json)
         else:
             # A bare checkpoint file carries its resolved config in its metadata.
             from sslcli.engine import checkpoint as ckpt
 
-            saved = ckpt.read_meta(ckpt.resolve(Path(resume))).get("config")
+            meta = ckpt.read_meta(ckpt.resolve(Path(resume)))
+            saved = meta.get("config")
             if not isinstance(saved, dict):
                 raise ConfigError([f"cannot resume {resume}: its checkpoint holds no run config"])
             layers.append(saved)
+            record = meta.get("plugin")
         trained = cfg.method_name_of(layers[0])
         if method and trained and method != trained:
             # Said first: otherwise the other method's options would be reported one by one.
@@ -70,7 +74,12 @@ def resolve_config(
         name = method
     if not name:
         raise PluginError("no method given: 'ssl train METHOD' ('ssl methods' lists them)")
-    method_cls = registry.load(name)
+    if method or record is None or name != cfg.method_name_of(layers[0]):
+        method_cls = registry.load(name)
+    else:
+        # Resuming: the package that trained the run, even where another registers the
+        # same name; if it is gone, the error says which package the run needs.
+        method_cls = registry.load_for_run(name, record, source=f"{resume}")
     run, mcfg = cfg.resolve(method_cls, layers)
     return method_cls, run, mcfg
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from sslcli.errors import ConfigError
+from sslcli.errors import ConfigError, suggest
 
 
 class _Section(BaseModel):
@@ -240,7 +240,7 @@ class RunConfig(_Section):
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> RunConfig:
         """The inverse of :meth:`to_json_dict`: a run's ``config.json`` as a RunConfig."""
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in RUN_RECORDS}
         opts = dict(d.pop("method", None) or {})
         name = opts.pop("name", "")
         return cls(method=name, method_config=opts, **d)
@@ -350,12 +350,12 @@ def resolve(
     try:
         run = RunConfig(method=method_cls.name, **merged)
     except ValidationError as e:
-        errors.extend(format_validation_error(e))
+        errors.extend(format_validation_error(e, model=RunConfig))
     mcfg = None
     try:
         mcfg = method_cls.Config(**method_opts)
     except ValidationError as e:
-        errors.extend(format_validation_error(e, prefix="method"))
+        errors.extend(format_validation_error(e, prefix="method", model=method_cls.Config))
     if errors or run is None:
         raise ConfigError(errors)
     run.method_options = mcfg.model_dump(mode="json")
@@ -381,14 +381,37 @@ def _normalise_layer(layer: dict[str, Any]) -> dict[str, Any]:
     return layer
 
 
-def format_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
+def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The option names of the (nested) model that holds ``loc``'s last part."""
+    cur = model
+    for part in loc[:-1]:
+        if cur is None:
+            return []
+        field = cur.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(cur.model_fields) if cur is not None else []
+
+
+# pydantic prefixes the message of a ValueError / assert raised in a validator.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def format_validation_error(
+    e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[str]:
+    """One line per bad field; ``model`` (the validated class) lets an unknown option get
+    a "did you mean"."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
         path = ".".join(p for p in (prefix, loc) if p)
         msg = err["msg"]
+        for pre in _PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(pre)
         if err["type"] == "extra_forbidden":
-            msg = "unknown option"
+            known = _fields_at(model, tuple(err["loc"]))
+            msg = "unknown option" + suggest(str(err["loc"][-1]), known)
         got = err.get("input")
         shown = (
             ""
@@ -399,15 +422,21 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
-def save_json(config: RunConfig, path: Path) -> None:
-    """Written atomically: a full disk leaves the previous file, never an empty one."""
+def save_json(config: RunConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """The resolved config; ``extra`` adds top-level records that are not settings (the
+    plugin that trained the run), which :func:`load_run_config` leaves out again. Written
+    atomically: a full disk leaves the previous file, never an empty one."""
     from sslcli.fsutil import atomic_write_text
 
-    atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2) + "\n")
+    text = json.dumps({**config.to_json_dict(), **(extra or {})}, indent=2) + "\n"
+    atomic_write_text(path, text)
 
 
-def load_run_config(path: Path) -> dict[str, Any]:
-    """The resolved config of a run directory, as a recipe layer."""
+# Top-level keys of a run's config.json that are records, not settings.
+RUN_RECORDS = ("plugin",)
+
+
+def _read_run_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -415,3 +444,16 @@ def load_run_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path} does not hold a run config (a JSON object)"])
     return data
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """The resolved config of a run directory, as a recipe layer (records left out)."""
+    data = _read_run_json(path)
+    for key in RUN_RECORDS:
+        data.pop(key, None)
+    return data
+
+
+def load_run_record(path: Path, key: str = "plugin") -> Any:
+    """A record a run keeps in its config.json next to the settings, or None."""
+    return _read_run_json(path).get(key)

@@ -26,6 +26,12 @@ class PluginError(SSLError):
     """A method plugin could not be found, imported or validated."""
 
 
+class MethodContractError(PluginError):
+    """A method plugin broke the contract while running (a wrong return type, a reserved
+    log key, an ``__init__`` that raised): one line naming the method, its package and
+    version and what was expected; exit code 2. The plugin's author fixes it, not the user."""
+
+
 class DataError(SSLError):
     """A dataset is missing, unreadable or of an unknown format."""
 

@@ -260,6 +260,12 @@ Inputs: {size}x{size} pixels, scaled to [0, 1], minus mean {mean}, divided by st
 """
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -269,6 +275,9 @@ def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, s
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        # safetensors creates its file with mode 0600; an export is meant to be shared like
+        # the config.json next to it, so it gets the mode the umask gives a new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
         # safetensors reports a full disk as SafetensorError, not OSError

@@ -267,13 +267,16 @@ def rebuild_method(
     name = cfg.method_name_of(config)
     if not name:
         raise TargetError(f"{source}: checkpoint does not say which method trained it")
-    method_cls = registry.load(name)
+    method_cls = registry.load_for_run(name, meta.get("plugin"), source=str(source))
     _, mcfg = cfg.resolve(method_cls, [config])
     # The spec exactly as trained (not re-derived from the alias), so a changed alias table
     # or default cannot silently rebuild a different network; validated as user input is
     # (the metadata is a file's word: no hub names, no file-opening arguments).
     spec: BackboneSpec = spec_from_meta(bmeta, str(source))
-    method = method_cls(mcfg, spec.build(), dataset_size=int(meta.get("dataset_size") or 0))
+    from sslcli.engine.contract import build_method
+
+    # A plugin whose __init__ fails is named in one line, as in training.
+    method = build_method(method_cls, mcfg, spec.build(), int(meta.get("dataset_size") or 0))
     state = strip_prefixes(state)
     own = method.state_dict()
     missing = [k for k in own if k not in state]

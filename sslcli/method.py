@@ -78,13 +78,21 @@ class StepInfo:
         return self.step / max(1, self.total_steps)
 
 
+RESERVED_LOG_KEYS: frozenset[str] = frozenset(
+    {"step", "epoch", "lr", "loss", "images_per_s", "emb_std", "event", "reason", "time"}
+)
+"""Keys the engine writes into every logged line itself; a method's ``StepOutput.logs``
+may not use them (the run stops with one line naming the method)."""
+
+
 @dataclass
 class StepOutput:
     """A training step's result."""
 
     loss: Tensor
     logs: dict[str, Tensor | float] = field(default_factory=dict)
-    """Scalars to log; tensors stay on the device until a log step (no host sync per step)."""
+    """Scalars to log; tensors stay on the device until a log step (no host sync per step).
+    Not under :data:`RESERVED_LOG_KEYS`."""
     embedding: Tensor | None = None
     """A [B, D] embedding whose per-dimension std is logged to make collapse visible."""
 

@@ -23,7 +23,11 @@ TINY = {
 
 
 def write_plugin_dist(
-    root: Path, dist_name: str, entry_points: dict[str, str], modules: dict[str, str]
+    root: Path,
+    dist_name: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str],
+    version: str = "0.0.1",
 ) -> Path:
     """A minimal installed distribution (dist-info + modules) under ``root``.
 
@@ -31,9 +35,11 @@ def write_plugin_dist(
     packages, so registry tests exercise the real discovery path.
     """
     root.mkdir(parents=True, exist_ok=True)
-    info = root / f"{dist_name.replace('-', '_')}-0.0.1.dist-info"
+    info = root / f"{dist_name.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.0.1\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n"
+    )
     eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[sslcli.methods]\n{eps}\n")
     for name, src in modules.items():

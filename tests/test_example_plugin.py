@@ -1,4 +1,5 @@
-"""Installing the example third-party package makes its method appear and train."""
+"""Installing the example third-party package makes its method appear and train, and its
+own test suite (the loss, and sslcli.testing's method contract) passes."""
 
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def test_installed_example_plugin_is_listed_and_trains(tmp_path: Path) -> None:
             str(EXAMPLE),
             "-o",
             "addopts=",
+            "-m",
+            "not slow",
         ],
         env=env,
         capture_output=True,

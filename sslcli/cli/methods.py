@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sslcli.cli.console import out
@@ -24,24 +25,36 @@ def methods(name: str = typer.Argument(None, help="Show this method's options.")
     table = Table(title="methods")
     for col in ("name", "package", "version", "summary"):
         table.add_column(col)
+    # Everything a plugin supplies is escaped: rich would read 'x[cuda]' as markup.
     for st in registry.list_methods():
+        label = st.info.qualified if st.clash else st.info.name
         if st.cls is None:
-            table.add_row(
-                st.info.name, st.info.package, st.info.version, f"[red]broken[/red]: {st.error}"
-            )
+            summary = f"[red]broken[/red]: {escape(st.error or '')}"
         else:
-            table.add_row(st.info.name, st.info.package, st.info.version, st.cls.summary())
+            try:
+                summary = escape(st.cls.summary())
+            except Exception as e:  # noqa: BLE001 - a plugin's summary must not stop the list
+                summary = f"[red]broken[/red]: summary() raised {escape(type(e).__name__)}"
+        if st.clash:
+            others = ", ".join(c.qualified for c in st.clash)
+            summary = (
+                f"[yellow]name clash[/yellow] with {escape(others)}: "
+                f"use {escape(st.info.qualified)}; " + summary
+            )
+        table.add_row(escape(label), escape(st.info.package), escape(st.info.version), summary)
     out.print(table)
 
 
 def _show(cls: type) -> None:
-    out.print(f"[bold]{cls.name}[/bold]: {cls.summary()}")
+    out.print(f"[bold]{escape(cls.name)}[/bold]: {escape(cls.summary())}")
     table = Table(title="method options (--set method.KEY=VALUE)")
     for col in ("option", "default", "description"):
         table.add_column(col)
     for key, field in cls.Config.model_fields.items():
         table.add_row(
-            key, repr(field.get_default(call_default_factory=True)), field.description or ""
+            escape(key),
+            escape(repr(field.get_default(call_default_factory=True))),
+            escape(field.description or ""),
         )
     out.print(table)
     # Recipes may depend on the architecture (MoCo v3, DINO): show each distinct one.
@@ -56,4 +69,4 @@ def _show(cls: type) -> None:
             label = "method recipe defaults"
             if cls.recipe_for("resnet50") != cls.recipe_for("vit-s"):
                 label += f" ({family})"
-            out.print(label + ": " + ", ".join(lines), highlight=False)
+            out.print(escape(label + ": " + ", ".join(lines)), highlight=False)

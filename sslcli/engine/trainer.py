@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from sslcli import registry
 from sslcli.backbones import make_spec
 from sslcli.config import RunConfig, save_json
 from sslcli.data.augment import ViewPipeline
@@ -49,11 +51,10 @@ from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits,
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
 from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
 from sslcli.engine import checkpoint as ckpt
-from sslcli.engine import rundir, schedules
+from sslcli.engine import contract, rundir, schedules
 from sslcli.engine.knn_monitor import knn_monitor
 from sslcli.engine.optim import (
     build_optimizer,
-    default_param_groups,
     match_param_layout,
     scaled_lr,
 )
@@ -68,7 +69,7 @@ from sslcli.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from sslcli.errors import CheckpointError, ConfigError, SSLError
+from sslcli.errors import CheckpointError, ConfigError, MethodContractError, SSLError
 from sslcli.eval.features import eval_transform
 from sslcli.eval.online_probe import OnlineProbe
 from sslcli.method import Batch, Method, MethodConfig, StepInfo, StepOutput
@@ -333,7 +334,7 @@ class Trainer:
         if self._resume_meta is not None:
             self._check_same_backbone(self._resume_meta)
         backbone = self.backbone_spec.build()
-        self.method: Method = method_cls(method_config, backbone, dataset_size=n)
+        self.method: Method = contract.build_method(method_cls, method_config, backbone, n)
         if world > 1 and self.run.trainer.sync_bn:
             try:
                 dist.convert_sync_batchnorm(self.method, self.device)
@@ -342,7 +343,7 @@ class Trainer:
         self.method.to(self.device)
         if self._channels_last():
             self.method.to(memory_format=torch.channels_last)
-        self.views = ViewPipeline(self.method.views())
+        self.views = ViewPipeline(contract.check_views(self.method))
         self.aug_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + dist.rank())
         self.model: nn.Module = self.method
         if world > 1:
@@ -361,7 +362,7 @@ class Trainer:
 
         # -- optimiser -------------------------------------------------------------------------
         o = run.optim
-        groups = self.method.param_groups() or default_param_groups(self.method, o)
+        groups = contract.param_groups(self.method, o)
         self.base_lr = scaled_lr(o, self.global_batch)
         self.optimizer = build_optimizer(groups, o, self.base_lr)
         self.warmup_steps = self._warmup_steps()
@@ -597,7 +598,10 @@ class Trainer:
         if not dist.is_main():
             return
         if self.console is not None:
-            self.console.print(msg, highlight=False)
+            from rich.markup import escape
+
+            # Messages carry paths and plugin text: '[...]' in them is not markup.
+            self.console.print(escape(msg), highlight=False)
         else:
             print(msg, file=sys.stderr)
 
@@ -671,6 +675,7 @@ class Trainer:
             "dataset_size": len(self.dataset),
             "images_seen": self.images_seen,
             "config": self.run.to_json_dict(),
+            "plugin": registry.info_of(self.method_cls).record(),
             "backbone": {
                 "timm_name": self.backbone_spec.timm_name,
                 "alias": self.backbone_spec.alias,
@@ -909,7 +914,7 @@ class Trainer:
         # through the forward's activation peak.
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.dtype):
-            out = self._forward(batch, info)
+            out = contract.check_step_output(self.method, self._forward(batch, info))
         # Backward before the finiteness check: the check must precede the update, and
         # reading it after backward has been queued keeps the device busy while the host
         # waits. (Under DDP every process must run backward anyway: it holds collectives.)
@@ -1035,8 +1040,16 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        # A run that breaks the method contract before its first checkpoint leaves nothing
+        # that looks like a run (config.json, a metrics.jsonl with only a start event).
+        fresh = self.resume_path is None and dist.is_main()
+        created = fresh and not self.run_dir.exists()
         try:
             return self._fit()
+        except MethodContractError:
+            if fresh and self._last_saved_step is None:
+                self._discard_unstarted_run(created)
+            raise
         except KeyboardInterrupt:
             # Ctrl-C outside the steps (the baseline kNN, start-up) or a second one while
             # stopping: say what is kept, exit 130.
@@ -1068,6 +1081,14 @@ class Trainer:
             f"cannot write {self.run_dir / 'metrics.jsonl'}: {reason(e)}; {self._kept()}"
         ) from e
 
+    def _discard_unstarted_run(self, created: bool) -> None:
+        if created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for name in rundir.RUN_FILES:  # the ownership marker too: no run was made here
+            (self.run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+
     def _fit(self) -> TrainResult:
         t = self.run.trainer
         main = dist.is_main()
@@ -1085,12 +1106,19 @@ class Trainer:
             self._run_lock = rundir.claim(self.run_dir, self.run.method, resume=self._in_place(),
                                           force=self.force, say=self._say)  # fmt: skip
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_json(self.run, self.run_dir / "config.json")
+            save_json(
+                self.run,
+                self.run_dir / "config.json",
+                extra={"plugin": registry.info_of(self.method_cls).record()},
+            )
             if resumed:
                 _truncate_metrics(metrics_path, self.step)
         if self.knn_random is None and self.step == 0:
             self.knn_random = self.knn()
 
+        # Resuming a run that already reached its last step trains nothing and must not
+        # append a second (empty) end event that ``ssl compare`` would then report.
+        finished = resumed and self.step >= self.stop_step
         tb_dir = self.run_dir / "tensorboard" if self.run.trainer.tensorboard else None
         log = Logger(
             metrics_path if main else None,
@@ -1100,7 +1128,12 @@ class Trainer:
         )
         log.on_error = self._write_failed
         if main:
-            if self.step == 0:
+            if finished:
+                self._say(
+                    f"{self.run_dir} already reached step {self.step} of {self.stop_step}: "
+                    "nothing to train (raise trainer.epochs or trainer.max_steps to continue)"
+                )
+            elif self.step == 0:
                 log.write({"event": "start", "method": self.run.method,
                            "backbone": self.run.backbone.name, "dataset": self.dataset.name,
                            "images": len(self.dataset), "steps": self.total_steps,
@@ -1168,7 +1201,7 @@ class Trainer:
                             f"epoch {epoch}: online probe top-1 {100 * probe['probe_top1']:.1f}% "
                             "(training images)"
                         )
-            if self._pending:
+            if self._pending and not finished:
                 # Stopped by max_steps off a log boundary: report the partial window. The
                 # checkpoint keeps these values, so a resumed run's next line is the same
                 # as an uninterrupted run's.
@@ -1182,7 +1215,7 @@ class Trainer:
                 extra={"probe_test_top1": self.probe_test} if self.probe_test is not None else {},
                 rank=dist.rank(),
             )  # fmt: skip
-            if main:
+            if main and not finished:
                 log.write({"event": "end", "step": self.step, "loss": log.last_loss,
                            "knn_top1": knn_trained, "knn_random": self.knn_random,
                            "probe_test_top1": self.probe_test,
