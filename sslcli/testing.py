@@ -99,7 +99,10 @@ def check_loads_and_describes_itself(case: ContractCase, tmp_path: Path) -> None
         api.resolve_config(case.method, overrides=o, sets=list(case.sets))
 
 
-def _trainer(case: ContractCase, tmp: Path, backbone: str, **trainer: Any) -> Any:
+def make_trainer(
+    case: ContractCase, tmp: Path, backbone: str = "test_resnet", **trainer: Any
+) -> Any:
+    """A ``Trainer`` of the case's method on its tiny data, writing under ``tmp``."""
     from sslcli.engine.trainer import Trainer
 
     o = case.overrides(tmp, **trainer)
@@ -110,7 +113,7 @@ def _trainer(case: ContractCase, tmp: Path, backbone: str, **trainer: Any) -> An
 
 def check_one_step(case: ContractCase, tmp_path: Path) -> None:
     for backbone in case.backbones:
-        tr = _trainer(case, tmp_path / backbone, backbone)
+        tr = make_trainer(case, tmp_path / backbone, backbone)
         images, labels, index = next(iter(tr._batches(0, 0)))
         buffers_before = {n: b.clone() for n, b in tr.method.named_buffers()}
         # Gradients right after backward, before the method's hook may drop some on

@@ -34,7 +34,8 @@ from sslcli.engine.runtime import configure_backends
 from sslcli.engine.sync_guard import HostSyncGuard
 from sslcli.engine.trainer import Trainer, window_means
 from sslcli.nn import dist
-from tests.test_contract import METHODS, _trainer
+from sslcli.testing import make_trainer
+from tests.test_contract import METHODS, case
 from tests.test_distributed import _env, _spawn
 from tests.test_train_formats import write_idx
 
@@ -79,7 +80,7 @@ def test_the_guard_sees_every_kind_of_sync() -> None:
 def test_a_training_step_makes_only_the_engine_sync(name: str, tmp_path: Path) -> None:
     """The whole per-step path of the loop (schedules, step, recording the logs) of a
     step after the first (the first may set things up once: cached constants)."""
-    tr = _trainer(name, tmp_path)
+    tr = make_trainer(case(name), tmp_path)
     batches = iter(tr._batches(0, 0))
     for _ in range(2):
         images, labels, index = next(batches)
