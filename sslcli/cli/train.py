@@ -57,6 +57,12 @@ def train(
         "--images",
         help="With --dry-run: plan for a training set of N images without opening the data.",
     ),
+    memory: bool = typer.Option(
+        None,
+        "--memory/--no-memory",
+        help="With --dry-run: estimate the peak memory per GPU (default; runs a few small "
+        "forward passes).",
+    ),
 ) -> None:
     """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
     from sslcli import api
@@ -65,7 +71,8 @@ def train(
 
     if not dry_run:
         given = [f for f, v in (("--json", as_json or None), ("--processes", processes),
-                                ("--images", images)) if v is not None]  # fmt: skip
+                                ("--images", images), ("--[no-]memory", memory))
+                 if v is not None]  # fmt: skip
         if given:
             raise ConfigError([f"{', '.join(given)}: only with --dry-run"])
 
@@ -91,7 +98,7 @@ def train(
 
         plan = api.plan(
             method, config=config, overrides=flags, sets=sets or [], resume=resume,
-            processes=processes, images=images, console=err,
+            processes=processes, images=images, memory=memory is not False, console=err,
         )  # fmt: skip
         if os.environ.get("RANK", "0") != "0":
             return  # under torchrun, one process prints the plan
