@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -520,7 +520,10 @@ def _checkpoint_extra(tr: Trainer, sizes: list[int]) -> float:
     blocks = [m for enc in encoders for m in _blocks(enc)]
 
     def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        inputs.append(sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor)))
+        if torch.is_grad_enabled():  # a momentum encoder's no-grad forward keeps nothing
+            inputs.append(
+                sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))
+            )
 
     for m in blocks:
         hooks.append(m.register_forward_pre_hook(pre))
@@ -536,9 +539,6 @@ def _checkpoint_extra(tr: Trainer, sizes: list[int]) -> float:
     finally:
         for enc in encoders:
             enc.set_grad_checkpointing(True)
-    # The pre-hooks also fire during no-grad forwards (momentum encoders): only the first
-    # len(blocks) calls per view belong to the graph; taking all of them over-counts a
-    # little, which errs on the safe side.
     kept_inputs = sum(inputs)
     recompute = max(0, off - on) / max(1, len(blocks))
     return (kept_inputs + recompute) / 2 * scale
@@ -571,9 +571,6 @@ def memory_warning(mem: dict[str, Any]) -> str | None:
         f"{mem.get('device_name', 'the device')}'s {mem['device_memory'] / GIB:.1f} GiB at "
         f"{mem['per_process_batch']} images per process. {ACCUMULATION_NOTE}"
     )
-
-
-Formatter = Callable[[float], str]
 
 
 def human_bytes(n: float) -> str:
