@@ -208,3 +208,19 @@ def test_warning_names_the_device_and_says_why_accumulation_cannot_help() -> Non
     line = dry.memory_warning(mem)
     assert line is not None and "A100" in line and "negatives" in line
     assert dry.memory_warning({**mem, "exceeds_device": False}) is None
+
+
+def test_dry_run_of_a_resume_checks_it_and_allows_checkpointing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "simclr", "--backbone", "test_resnet", "--batch-size", "8",
+                 "--set", "trainer.max_steps=1", "--set", "trainer.eval_knn=false",
+                 "--out", "r"]) == 0  # fmt: skip
+    capsys.readouterr()
+    code, plan, err = _dry(capsys, "--resume", "r", "--no-memory",
+                           "--set", "trainer.grad_checkpointing=true")  # fmt: skip
+    assert code == 0, err
+    assert plan["trainer"]["resume_from_step"] == 1 and plan["trainer"]["grad_checkpointing"]
+    code, _, err = _dry(capsys, "--resume", "r", "--backbone", "resnet18")
+    assert code == 2 and "architecture differs in backbone.name" in err
