@@ -36,24 +36,12 @@ def resolve_config(
     With ``resume``, the run's saved config is the lowest user layer, so
     ``ssl train --resume RUN`` needs nothing else.
     """
-    layers: list[dict[str, Any]] = []
     record: Any = None
     if resume is not None:
         _check_resume_target(Path(resume))
-        run_json = _run_config_path(Path(resume))
-        if run_json is not None:
-            layers.append(cfg.load_run_config(run_json))
-            record = cfg.load_run_record(run_json)
-        else:
-            # A bare checkpoint file carries its resolved config in its metadata.
-            from sslcli.engine import checkpoint as ckpt
-
-            meta = ckpt.read_meta(ckpt.resolve(Path(resume)))
-            saved = meta.get("config")
-            if not isinstance(saved, dict):
-                raise ConfigError([f"cannot resume {resume}: its checkpoint holds no run config"])
-            layers.append(saved)
-            record = meta.get("plugin")
+        record = _resumed_run(Path(resume))[1]
+    layers = [layer for _, layer in _user_layers(config, overrides, sets, resume)]
+    if resume is not None:
         trained = cfg.method_name_of(layers[0])
         if method and trained and method != trained:
             # Said first: otherwise the other method's options would be reported one by one.
@@ -61,12 +49,6 @@ def resolve_config(
                 [f"cannot resume {resume} as {method}: this run was trained with {trained} "
                  f"(ssl train {trained} --resume {resume}, or start a new run)"]
             )  # fmt: skip
-    if config is not None:
-        layers.append(cfg.read_recipe(config))
-    if overrides:
-        layers.append(overrides)
-    if sets:
-        layers.append(cfg.parse_set(sets))
     name = method
     for layer in layers:
         name = cfg.method_name_of(layer) or name
@@ -95,6 +77,40 @@ def _check_resume_target(resume: Path) -> None:
             [f"--resume {resume}: this is an exported model (ssl export), not a run; "
              "resume needs a run directory or a checkpoint file"]
         )  # fmt: skip
+
+
+def _resumed_run(resume: Path) -> tuple[dict[str, Any], Any]:
+    """The resolved config a run directory or checkpoint holds, and its plugin record."""
+    run_json = _run_config_path(resume)
+    if run_json is not None:
+        return cfg.load_run_config(run_json), cfg.load_run_record(run_json)
+    # A bare checkpoint file carries its resolved config in its metadata.
+    from sslcli.engine import checkpoint as ckpt
+
+    meta = ckpt.read_meta(ckpt.resolve(resume))
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError([f"cannot resume {resume}: its checkpoint holds no run config"])
+    return saved, meta.get("plugin")
+
+
+def _user_layers(
+    config: str | Path | None,
+    overrides: dict[str, Any] | None,
+    sets: list[str] | None,
+    resume: str | Path | None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The user's config layers, lowest precedence first, each with where it came from."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if resume is not None:
+        layers.append(("resumed run", _resumed_run(Path(resume))[0]))
+    if config is not None:
+        layers.append((f"file {Path(config).name}", cfg.read_recipe(config)))
+    if overrides:
+        layers.append(("flag", overrides))
+    if sets:
+        layers.append(("--set", cfg.parse_set(sets)))
+    return layers
 
 
 def _run_config_path(resume: Path) -> Path | None:
@@ -134,15 +150,80 @@ def train(
     )
     from sslcli.engine.trainer import Trainer
 
-    resume_path = None
-    if resume is not None:
-        resume_path = Path(resume)
-        if run.trainer.out is None:
-            run.trainer.out = str(
-                resume_path if resume_path.is_dir() else resume_path.parent.parent
-            )
+    resume_path = _resume_path(run, resume)
     trainer = Trainer(run, method_cls, mcfg, resume=resume_path, console=console, force=force)
     return trainer.fit()
+
+
+def _resume_path(run: cfg.RunConfig, resume: str | Path | None) -> Path | None:
+    if resume is None:
+        return None
+    resume_path = Path(resume)
+    if run.trainer.out is None:
+        run.trainer.out = str(resume_path if resume_path.is_dir() else resume_path.parent.parent)
+    return resume_path
+
+
+def plan(
+    method: str | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    resume: str | Path | None = None,
+    processes: int | None = None,
+    images: int | None = None,
+    memory: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """What ``train`` with the same arguments would build and do, without training or
+    writing anything (``ssl train --dry-run``); one JSON-able dict.
+
+    The trainer's own set-up resolves it (so wrong settings fail as in a real run).
+    ``processes``: plan for that many torchrun processes (default: ``$WORLD_SIZE`` or 1);
+    ``images``: plan for a training set of that many images without opening the data.
+    When no layer names the data and the default data set cannot hold one batch (an
+    ImageNet recipe), the plan is for ImageNet-1k's training split, and says so.
+    """
+    import os
+
+    from sslcli.data.datasets import open_dataset
+    from sslcli.engine import plan as dry
+    from sslcli.engine.trainer import Trainer
+
+    named = _user_layers(config, overrides, sets, resume)
+    method_cls, run, mcfg = resolve_config(
+        method, config=config, overrides=overrides, sets=sets, resume=resume
+    )
+    recipe = method_cls.recipe_for(run.backbone.name).model_dump()
+    sources = dry.sources_of(
+        [("method recipe", {k: v for k, v in recipe.items() if v}), *named]
+    )
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 1:
+        raise ConfigError([f"--processes: must be >= 1 (got {processes})"])
+    if images is not None and images < 1:
+        raise ConfigError([f"--images: must be >= 1 (got {images})"])
+    note = None
+    if images is None and "data.dataset" not in sources:
+        n_default = len(open_dataset(run.data.dataset, "train", 8))
+        if run.trainer.batch_size > n_default:
+            images = dry.IMAGENET_TRAIN_IMAGES
+            note = (
+                f"no data given and {run.data.dataset!r} ({n_default} images) cannot hold "
+                f"one batch of {run.trainer.batch_size}: planned for {images:,} images "
+                "(ImageNet-1k train); --data DIR or --images N plans for yours"
+            )
+    elif images is not None:
+        note = f"planned for {images:,} images (--images); the data was not opened"
+    resume_path = _resume_path(run, resume)
+    with dry.record_create_model() as calls:
+        trainer = Trainer(
+            run, method_cls, mcfg, resume=resume_path, console=console,
+            dry_run=dry.DryRun(processes=processes, images=images, note=note),
+        )  # fmt: skip
+    return dry.describe(trainer, sources=sources, timm_calls=calls, memory=memory)
 
 
 def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
@@ -201,6 +282,7 @@ __all__ = [
     "TrainResult",
     "list_methods",
     "load_method",
+    "plan",
     "resolve_config",
     "train",
 ]

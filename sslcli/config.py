@@ -199,6 +199,12 @@ class TrainerConfig(_Section):
         ge=1,
         description="Also checkpoint every N steps (long epochs: bounds the work a crash loses).",
     )
+    grad_checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing in the encoder (timm's set_grad_checkpointing; "
+        "ViTs and ResNets): blocks are recomputed in backward, so activations take a "
+        "fraction of the memory for about one more forward pass. Same results.",
+    )
 
 
 class RunConfig(_Section):

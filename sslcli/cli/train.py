@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,44 @@ def train(
         "--force",
         help="Start a new run in an --out that holds another run (its files are removed).",
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Resolve and build everything, print the plan (settings and where they come "
+        "from, data, views, backbone arguments, parameter groups, lr, schedule, memory per "
+        "GPU), then exit without training or writing anything.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="With --dry-run: one JSON object on stdout instead of tables."
+    ),
+    processes: int = typer.Option(
+        None,
+        "--processes",
+        help="With --dry-run: plan for N torchrun processes (GPUs); default $WORLD_SIZE or 1.",
+    ),
+    images: int = typer.Option(
+        None,
+        "--images",
+        help="With --dry-run: plan for a training set of N images without opening the data.",
+    ),
+    memory: bool = typer.Option(
+        None,
+        "--memory/--no-memory",
+        help="With --dry-run: estimate the peak memory per GPU (default; runs a few small "
+        "forward passes).",
+    ),
 ) -> None:
     """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
     from sslcli import api
     from sslcli.config import set_dotted
+    from sslcli.errors import ConfigError
+
+    if not dry_run:
+        given = [f for f, v in (("--json", as_json or None), ("--processes", processes),
+                                ("--images", images), ("--[no-]memory", memory))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise ConfigError([f"{', '.join(given)}: only with --dry-run"])
 
     flags: dict[str, Any] = {}
     pairs = {
@@ -63,6 +98,17 @@ def train(
     for key, value in pairs.items():
         if value is not None:
             set_dotted(flags, key, value)
+    if dry_run:
+        from sslcli.cli.dryrun import show
+
+        plan = api.plan(
+            method, config=config, overrides=flags, sets=sets or [], resume=resume,
+            processes=processes, images=images, memory=memory is not False, console=err,
+        )  # fmt: skip
+        if os.environ.get("RANK", "0") != "0":
+            return  # under torchrun, one process prints the plan
+        show(plan, as_json=as_json)
+        return
     result = api.train(
         method, config=config, overrides=flags, sets=sets or [], resume=resume, console=err,
         force=force,

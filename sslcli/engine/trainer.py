@@ -58,6 +58,7 @@ from sslcli.engine.optim import (
     match_param_layout,
     scaled_lr,
 )
+from sslcli.engine.plan import DryRun
 from sslcli.engine.runtime import (
     autocast,
     configure_backends,
@@ -241,13 +242,19 @@ class Trainer:
         resume: Path | None = None,
         console: Any = None,
         force: bool = False,
+        dry_run: DryRun | None = None,
     ) -> None:
         self.run = run
         self.method_cls = method_cls
         self.method_config = method_config
         self.console = console
+        # A dry run (``ssl train --dry-run``) goes through this same set-up, so it resolves
+        # and refuses exactly what a real run would; it only skips what acts on the world:
+        # joining a process group, caching data on the device, the JPEG decoder, compiling
+        # and DDP wrapping. It never writes anything (the run directory is made in fit()).
+        self.dry_run = dry_run
         t = run.trainer
-        self._owns_process_group = self._init_distributed()
+        self._owns_process_group = False if dry_run else self._init_distributed()
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.precision, self.device)
         self._cuda = self.device.type == "cuda"
@@ -275,10 +282,14 @@ class Trainer:
         # -- data ------------------------------------------------------------------------------
         d = run.data
         self.load_size = d.load_size or d.image_size
-        self.dataset: ImageDataset = open_dataset(
-            d.dataset, "train", self.load_size, max_bad_fraction=d.max_bad_fraction
+        self.dataset: ImageDataset = (
+            dry_run.nominal_dataset(self.load_size)
+            if dry_run is not None and dry_run.images is not None
+            else open_dataset(
+                d.dataset, "train", self.load_size, max_bad_fraction=d.max_bad_fraction
+            )
         )
-        if d.cache == "device":
+        if d.cache == "device" and dry_run is None:
             self.dataset = maybe_cache(
                 self.dataset, device=self.device, num_workers=self._num_workers()
             )
@@ -289,10 +300,10 @@ class Trainer:
             )
         self.decoder = (
             JpegDecoder(self.dataset, self.load_size, self.device)  # type: ignore[arg-type]
-            if gpu_ok and d.gpu_decode != "off"
+            if gpu_ok and d.gpu_decode != "off" and dry_run is None
             else None
         )
-        world = dist.world_size()
+        world = dry_run.processes if dry_run is not None else dist.world_size()
         if t.batch_size % world:
             raise ConfigError(
                 [f"trainer.batch_size: {t.batch_size} (the global batch) is not divisible by "
@@ -335,7 +346,9 @@ class Trainer:
             self._check_same_backbone(self._resume_meta)
         backbone = self.backbone_spec.build()
         self.method: Method = contract.build_method(method_cls, method_config, backbone, n)
-        if world > 1 and self.run.trainer.sync_bn:
+        if t.grad_checkpointing:
+            self._grad_checkpointing()
+        if world > 1 and self.run.trainer.sync_bn and dry_run is None:
             try:
                 dist.convert_sync_batchnorm(self.method, self.device)
             except ValueError as e:
@@ -346,7 +359,7 @@ class Trainer:
         self.views = ViewPipeline(contract.check_views(self.method))
         self.aug_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + dist.rank())
         self.model: nn.Module = self.method
-        if world > 1:
+        if world > 1 and dry_run is None:
             # DDP broadcasts rank 0's parameters here (its buffers only below).
             self.model = nn.parallel.DistributedDataParallel(
                 self.method,
@@ -357,7 +370,7 @@ class Trainer:
         # state (MoCo's queue, memory banks; DDP already sent the parameters) for all.
         dist.broadcast_module_(self.method)
         self._eager_model: nn.Module | None = None
-        if t.compile:
+        if t.compile and dry_run is None:
             self._compile()
 
         # -- optimiser -------------------------------------------------------------------------
@@ -367,7 +380,7 @@ class Trainer:
         self.optimizer = build_optimizer(groups, o, self.base_lr)
         self.warmup_steps = self._warmup_steps()
         self._probe_norm: tuple[Tensor, Tensor] | None = None
-        self.probe = self._make_probe()
+        self.probe = self._make_probe() if dry_run is None else None
         if self.probe is not None:
             dist.broadcast_module_(self.probe)
         self.probe_test: float | None = None
@@ -521,6 +534,30 @@ class Trainer:
         with torch.no_grad(), eval_mode(self.method), autocast(self.device, self.dtype):
             feats = self.method.embed(x)
         self.probe.step(feats.float(), labels)
+
+    def _grad_checkpointing(self) -> None:
+        """``trainer.grad_checkpointing``: timm's activation checkpointing in every encoder
+        the method built from the backbone spec (CMC's second one and momentum copies too).
+
+        The blocks' activations are recomputed in backward instead of kept, which trades
+        about one extra forward for most of the activation memory; the result is the same.
+        """
+        encoders = [m for m in self.method.modules() if hasattr(m, "sslcli_spec")]
+        for enc in encoders:
+            setter = getattr(enc, "set_grad_checkpointing", None)
+            try:
+                if not callable(setter):
+                    raise NotImplementedError
+                setter(True)
+            except (NotImplementedError, AssertionError) as e:
+                raise ConfigError(
+                    [f"trainer.grad_checkpointing: backbone {self.run.backbone.name!r} "
+                     f"({type(enc).__name__}) does not support activation checkpointing"]
+                ) from e  # fmt: skip
+        if not encoders:
+            raise ConfigError(
+                ["trainer.grad_checkpointing: this method builds no timm encoder to checkpoint"]
+            )
 
     def _compile(self) -> None:
         """``torch.compile`` the module each step calls: the DDP wrapper under torchrun
