@@ -29,6 +29,9 @@ from sslcli.errors import DataError
 
 # Layout of the grid picture (pixels).
 _GAP = 4
+# Grid tiles smaller than this (digits' 16 px views) are enlarged by a whole factor, pixel
+# for pixel, so what the model sees can be looked at; the per-view files keep their size.
+_MIN_TILE = 96
 _BACKGROUND = (32, 32, 32)
 
 
@@ -114,14 +117,17 @@ def _pil(x: Tensor) -> Image.Image:
 
 def grid_image(rows: list[ViewRow]) -> Image.Image:
     """One row per image: the source (its aspect kept, as tall as the largest view), then
-    its views at their own sizes, top-aligned."""
-    height = max(int(v.shape[-1]) for r in rows for v in r.views)
+    its views at their own sizes, top-aligned; small views enlarged by a whole factor
+    (nearest neighbour, so each pixel stays one block) until the largest is ``_MIN_TILE``."""
+    largest = max(int(v.shape[-1]) for r in rows for v in r.views)
+    zoom = max(1, -(-_MIN_TILE // largest))
+    height = largest * zoom
     sources = []
     for r in rows:
         h, w = int(r.source.shape[-2]), int(r.source.shape[-1])
         sources.append(_pil(r.source).resize((max(1, round(w * height / h)), height)))
     src_w = max(s.width for s in sources)
-    widths = [int(v.shape[-1]) for v in rows[0].views]
+    widths = [int(v.shape[-1]) * zoom for v in rows[0].views]
     total_w = _GAP + src_w + _GAP + sum(w + _GAP for w in widths) + _GAP
     total_h = _GAP + len(rows) * (height + _GAP)
     canvas = Image.new("RGB", (total_w, total_h), _BACKGROUND)
@@ -130,8 +136,11 @@ def grid_image(rows: list[ViewRow]) -> Image.Image:
         canvas.paste(src, (_GAP + (src_w - src.width) // 2, y))
         x = _GAP + src_w + 2 * _GAP
         for v in r.views:
-            canvas.paste(_pil(v), (x, y))
-            x += int(v.shape[-1]) + _GAP
+            tile = _pil(v)
+            if zoom > 1:
+                tile = tile.resize((tile.width * zoom, tile.height * zoom), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            x += tile.width + _GAP
     return canvas
 
 

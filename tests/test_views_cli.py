@@ -12,7 +12,7 @@ from PIL import Image
 
 from sslcli import api
 from sslcli.cli.app import main
-from sslcli.preview import view_rows, views_grid_png
+from sslcli.preview import grid_image, view_rows, views_grid_png
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,12 @@ def test_views_on_in_memory_data() -> None:
     rows = view_rows(run, n=2)
     assert len(rows) == 2 and len(rows[0].views) == 2  # simclr: two views of digits
     assert rows[0].views[0].shape == (3, 16, 16)
+    # In the grid, 16 px views are enlarged 6x pixel for pixel (96 px tiles), not smoothed.
+    grid = grid_image(rows)
+    assert grid.height == 4 + 2 * (96 + 4)
+    tile = np.asarray(grid)[4:100, -100:-4]  # the last view of the first row
+    view = rows[0].views[-1].permute(1, 2, 0).numpy()
+    assert (tile == view.repeat(6, axis=0).repeat(6, axis=1)).all()
 
 
 def test_views_bad_input_is_one_line(marked: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
