@@ -29,6 +29,10 @@ from sslcli.cli.app import main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
+# The method whose run a bare `ssl eval --which W` of the README is meant for (dino otherwise:
+# its teacher/student).
+WHICH_RUN = {"embedding": "instdisc"}
+
 SHRINK_TRAIN = ["--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8",
                 "--set", "trainer.eval_knn=false", "--set", "trainer.log_every=1"]  # fmt: skip
 
@@ -114,13 +118,17 @@ def _ssl_args(cmd: str, runs: dict[str, str], tmp: Path) -> list[str]:
         args += [*SHRINK_TRAIN, "--set", f"trainer.max_steps={2 if resume else 1}"]
     elif sub == "eval":
         if "--which" in args and not any(a.startswith("runs/") for a in args):
-            args.insert(2, runs["dino"])
+            args.insert(2, runs[_which_run(args)])
         if len(args) > 1 and args[1] in ("linear", "finetune"):
             args += ["--epochs", "1"]
     elif sub == "compare" and "--methods" in args:
         args += ["--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8",
                  "--epochs", "1", "--max-steps", "1", "--no-linear"]  # fmt: skip
     return args
+
+
+def _which_run(args: list[str]) -> str:
+    return WHICH_RUN.get(args[args.index("--which") + 1], "dino")
 
 
 def _torchrun(cmd: str, tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,9 +173,9 @@ def test_every_readme_command_runs(
     monkeypatch.chdir(work)
     # The runs the README's commands point at (runs/NAME-…), made first.
     names = sorted({m for c in ssl_cmds for m in re.findall(r"runs/([\w-]+?)-…", c)})
-    needs_dino = any("--which" in c for c in ssl_cmds)
+    which = {_which_run(shlex.split(c)) for c in ssl_cmds if "--which" in shlex.split(c)}
     runs: dict[str, str] = {}
-    for name in names + (["dino"] if needs_dino and "dino" not in names else []):
+    for name in names + sorted(which - set(names)):
         out = f"runs/{name}-readme"
         _run(["train", name, "--out", out, *SHRINK_TRAIN, "--set", "trainer.max_steps=1"],
              capsys)  # fmt: skip

@@ -1122,7 +1122,8 @@ class Trainer:
         if created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return
-        for name in rundir.RUN_FILES:  # the ownership marker too: no run was made here
+        # The ownership marker and lock too: no run was made here.
+        for name in (*rundir.RUN_FILES, rundir.LOCK):
             (self.run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
 
