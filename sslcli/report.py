@@ -113,7 +113,7 @@ def differences_from_defaults(config: dict[str, Any]) -> list[tuple[str, Any, An
     """``(dotted key, value, default)`` where the run's config differs from what the
     method's defaults alone resolve to (None when the method is not installed)."""
     from sslcli import registry
-    from sslcli.config import resolve
+    from sslcli.config import RUN_RECORDS, resolve
 
     m = config.get("method")
     name = m.get("name") if isinstance(m, dict) else m
@@ -123,7 +123,8 @@ def differences_from_defaults(config: dict[str, Any]) -> list[tuple[str, Any, An
         run, _ = resolve(registry.load(name), [])
     except SSLError:
         return None
-    ours, base = _flatten(config), _flatten(run.to_json_dict())
+    settings = {k: v for k, v in config.items() if k not in RUN_RECORDS}  # not settings
+    ours, base = _flatten(settings), _flatten(run.to_json_dict())
     skip = {"trainer.out"}  # always differs (the run's own directory), says nothing
     return [
         (k, ours.get(k), base.get(k))

@@ -284,6 +284,7 @@ def test_report_has_every_section_with_its_content(report_html: Path, run_dir: P
     settings = _section(html, "settings")
     assert "simclr" in settings and "test_resnet" in settings and "images/s" in settings
     assert "backbone.name" in settings and "resnet18" in settings  # differs from default
+    assert "plugin." not in settings  # the run's plugin record is not a setting
     curves = _section(html, "curves")
     for title in ("training loss", "learning rate", "embedding std"):
         assert title in curves
