@@ -62,7 +62,15 @@ def resolve_config(
                  f"(ssl train {trained} --resume {resume}, or start a new run)"]
             )  # fmt: skip
     if config is not None:
-        layers.append(cfg.read_recipe(config))
+        # METHOD:RECIPE names a recipe file shipped inside the method's package.
+        shipped = registry.recipe_reference(str(config))
+        if shipped is None:
+            layers.append(cfg.read_recipe(config))
+        else:
+            layer = cfg.read_recipe(shipped[1])
+            if cfg.method_name_of(layer) is None:
+                layer = {**layer, "method": {**(layer.get("method") or {}), "name": shipped[0]}}
+            layers.append(layer)
     if overrides:
         layers.append(overrides)
     if sets:

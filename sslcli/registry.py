@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -337,3 +339,45 @@ def list_methods() -> list[MethodStatus]:
         except PluginError as e:
             out.append(MethodStatus(info, None, str(e), clash))
     return out
+
+
+RECIPE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def recipe_files(cls: type[Method]) -> dict[str, Path]:
+    """The recipe files a method's package ships, by name (file stem): the files in
+    ``cls.recipes_dir``, a folder next to the module that defines the class. Built-ins ship
+    none (their ``examples/recipes/`` are not installed); {} when the folder is absent."""
+    rel = getattr(cls, "recipes_dir", None)
+    module = sys.modules.get(cls.__module__)
+    file = getattr(module, "__file__", None)
+    if not rel or not file:
+        return {}
+    folder = Path(file).resolve().parent / rel
+    if not folder.is_dir():
+        return {}
+    return {
+        p.stem: p
+        for p in sorted(folder.iterdir())
+        if p.suffix in RECIPE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    }
+
+
+def recipe_reference(ref: str) -> tuple[str, Path] | None:
+    """``METHOD:RECIPE`` (or ``PACKAGE:METHOD:RECIPE``) as (method, file) when ``ref`` is
+    such a name and not an existing path; None for a plain path. One line when the method
+    ships no recipe of that name, listing those it ships."""
+    if Path(ref).exists() or ":" not in ref:
+        return None
+    method, _, name = ref.rpartition(":")
+    bare = method.rpartition(":")[2]
+    if not method or bare not in {r.name for r in registrations()}:
+        return None  # a path with a colon in it; read_recipe says it is missing
+    files = recipe_files(load(method))
+    if name in files:
+        return method, files[name]
+    have = ", ".join(files) or "none"
+    raise ConfigError(
+        [f"--config {ref}: method {method} ships no recipe {name!r}"
+         f"{suggest(name, list(files))} (its recipes: {have})"]
+    )  # fmt: skip
