@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sslcli.errors import ConfigError, PluginError, suggest
-from sslcli.method import Method, MethodConfig
+from sslcli.method import Method, MethodConfig, RunContext, dependent_options
 
 GROUP = "sslcli.methods"
 BUILTIN_PACKAGE = "sslcli"
@@ -186,6 +186,7 @@ def validate(name: str, value: str, obj: object, where: str | None = None) -> No
             ) from None
     _validate_defaults(cfg, where)
     _validate_recipes(obj, where)
+    _validate_option_defaults(obj, where)
 
 
 def _validate_defaults(cfg: type[BaseModel], where: str) -> None:
@@ -222,6 +223,42 @@ def _validate_recipes(cls: type[Method], where: str) -> None:
                 f"{where}: method {cls.name}'s recipe (for backbone {backbone}): "
                 f"{_error_line(e)}"
             ) from e
+
+
+# Runs the option_defaults hook is tried on at load time: ImageNet on a GPU, a small CPU run.
+OPTION_CHECK_RUNS = (
+    RunContext("resnet50", 2048, 224, 1_281_167, "cuda"),
+    RunContext("resnet18", 512, 32, 50_000, "cpu"),
+)
+
+
+def _validate_option_defaults(cls: type[Method], where: str) -> None:
+    """What ``option_defaults`` returns for typical runs must be marked options that
+    validate: a bad value is the plugin's error at load time, not a run's."""
+    from pydantic import ValidationError
+
+    from sslcli.config import format_validation_error
+
+    marked = dependent_options(cls.Config)
+    for ctx in OPTION_CHECK_RUNS:
+        run = f"{ctx.backbone}, {ctx.dataset_size} images, {ctx.device}"
+        try:
+            values = cls.option_defaults(ctx)
+        except Exception as e:  # noqa: BLE001 - the plugin's hook raised
+            raise PluginError(f"{where}: option_defaults({run}) raised {_error_line(e)}") from e
+        if not isinstance(values, dict):
+            raise PluginError(f"{where}: option_defaults() returned a {type(values).__name__}")
+        bad = sorted(str(k) for k in values if k not in marked)
+        if bad:
+            raise PluginError(
+                f"{where}: option_defaults() returned {', '.join(bad)}, not Config options "
+                f"marked depends_on(...) (marked: {', '.join(sorted(marked)) or 'none'})"
+            )
+        try:
+            cls.Config(**values)
+        except ValidationError as e:
+            line = format_validation_error(e, prefix="method")[0]
+            raise PluginError(f"{where}: option_defaults({run}) is invalid: {line}") from e
 
 
 def _resolve(name: str) -> PluginInfo:

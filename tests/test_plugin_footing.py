@@ -15,7 +15,7 @@ import torch
 
 from sslcli import api, registry
 from sslcli.cli.app import main
-from sslcli.errors import ConfigError, MethodContractError
+from sslcli.errors import ConfigError, PluginError
 from tests.conftest import write_plugin_dist
 
 QUICK = [
@@ -129,14 +129,18 @@ def test_option_defaults_come_from_the_run_and_a_stated_value_wins(
 def test_option_defaults_may_only_fill_marked_options(
     plugin_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """Checked when the plugin is loaded (for an ImageNet GPU run and a small CPU run), so
+    `ssl methods` shows it broken and `ssl train` refuses it in one line."""
     write_plugin_dist(
         plugin_path, "fake-unmarked", {"unmarked": "fake_unmarked:Sized"},
         {"fake_unmarked": sized_method("unmarked", defaults='return {"other": 4}')},
     )  # fmt: skip
     code, _, err = cli(["train", "unmarked", *QUICK, "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and len(err) == 1, err
-    assert "fake-unmarked 0.0.1" in err[0] and "option_defaults() returned other" in err[0]
-    assert "marked: dim" in err[0]
+    assert "fake_unmarked:Sized" in err[0] and "option_defaults() returned other" in err[0]
+    assert "marked: dim" in err[0] and not (tmp_path / "r").exists()
+    code, out, _ = cli(["methods"], capsys)
+    assert code == 0 and "broken" in out
 
 
 def test_moco_records_the_queue_size_it_sized_from_the_data(tmp_path: Path) -> None:
@@ -303,18 +307,30 @@ def test_heads_from_another_architecture_are_refused(
         sslcli.load_heads(out)
 
 
-def test_a_broken_option_defaults_hook_is_the_plugins_error(
+def test_an_invalid_option_default_is_the_plugins_error(
     plugin_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    # Valid for the runs checked at load time, invalid (0) on a data set under 2000 images.
+    bad = 'return {"dim": 0 if ctx.dataset_size < 2000 else 16}'
     write_plugin_dist(
         plugin_path, "fake-badval", {"badval": "fake_badval:Sized"},
-        {"fake_badval": sized_method("badval", defaults='return {"dim": 0}')},
+        {"fake_badval": sized_method("badval", defaults=bad)},
     )  # fmt: skip
-    with pytest.raises(MethodContractError):
-        from sslcli.engine import contract
-        from sslcli.method import RunContext
-
-        cls, run, mcfg = api.resolve_config("badval")
-        contract.apply_option_defaults(cls, run, mcfg, RunContext("resnet18", 512, 16, 100, "cpu"))
     code, _, err = cli(["train", "badval", *QUICK, "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and len(err) == 1 and "method.dim" in err[0] and "fake-badval" in err[0]
+    assert code == 2 and len(err) == 1, err
+    assert "fake-badval 0.0.1" in err[0] and "option_defaults() gave an invalid value" in err[0]
+    assert "method.dim" in err[0]
+    # Invalid for a typical run: the plugin is broken from the start.
+    write_plugin_dist(
+        plugin_path / "b", "fake-badload", {"badload": "fake_badload:Sized"},
+        {"fake_badload": sized_method("badload", defaults='return {"dim": -1}')},
+    )  # fmt: skip
+    import sys
+
+    sys.path.insert(0, str(plugin_path / "b"))
+    try:
+        with pytest.raises(PluginError, match=r"option_defaults\(resnet50, 1281167 images, cuda\) "
+                                              r"is invalid: method.dim"):  # fmt: skip
+            registry.load("badload")
+    finally:
+        sys.path.remove(str(plugin_path / "b"))
