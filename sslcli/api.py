@@ -62,15 +62,7 @@ def resolve_config(
                  f"(ssl train {trained} --resume {resume}, or start a new run)"]
             )  # fmt: skip
     if config is not None:
-        # METHOD:RECIPE names a recipe file shipped inside the method's package.
-        shipped = registry.recipe_reference(str(config))
-        if shipped is None:
-            layers.append(cfg.read_recipe(config))
-        else:
-            layer = cfg.read_recipe(shipped[1])
-            if cfg.method_name_of(layer) is None:
-                layer = {**layer, "method": {**(layer.get("method") or {}), "name": shipped[0]}}
-            layers.append(layer)
+        layers.append(cfg.read_recipe(config))
     if overrides:
         layers.append(overrides)
     if sets:
