@@ -410,11 +410,14 @@ def recipe_reference(ref: str) -> tuple[str, Path] | None:
     bare = method.rpartition(":")[2]
     if not method or bare not in {r.name for r in registrations()}:
         return None  # a path with a colon in it; read_recipe says it is missing
-    files = recipe_files(load(method))
+    cls = load(method)
+    files = recipe_files(cls)
     if name in files:
         return method, files[name]
     have = ", ".join(files) or "none"
+    # The built-ins' recipes are files in sslcli's repository, not installed package data.
+    hint = "; give a recipe file's path" if info_of(cls).builtin and not files else ""
     raise ConfigError(
         [f"--config {ref}: method {method} ships no recipe {name!r}"
-         f"{suggest(name, list(files))} (its recipes: {have})"]
+         f"{suggest(name, list(files))} (its recipes: {have}){hint}"]
     )  # fmt: skip
