@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,17 @@ from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec, moco_v2_views
-from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
+from sslcli.method import (
+    RESUME_SAFE,
+    Batch,
+    Method,
+    MethodConfig,
+    Recipe,
+    RunContext,
+    StepInfo,
+    StepOutput,
+    depends_on,
+)
 from sslcli.nn import dist
 from sslcli.nn.ema import ema_update_, momentum_copy
 from sslcli.nn.queue import KeyQueue, default_queue_size, queue_size_warning
@@ -76,7 +86,10 @@ class MoCoConfig(MethodConfig):
     """Options shared by MoCo v1 and v2 (the subclasses set the version's defaults)."""
 
     temperature: float = Field(
-        0.07, gt=0, description="Softmax temperature τ: 0.07 (v1), 0.2 (v2), 0.1 CIFAR demo."
+        0.07,
+        gt=0,
+        description="Softmax temperature τ: 0.07 (v1), 0.2 (v2), 0.1 CIFAR demo.",
+        json_schema_extra=RESUME_SAFE,  # only scales the logits
     )
     head: Literal["linear", "mlp"] = Field(
         "linear",
@@ -93,6 +106,7 @@ class MoCoConfig(MethodConfig):
             "65536; CIFAR-10 gets 4096, the official CIFAR demo's value). A K larger than "
             "the data set warns: the queue would hold stale copies of the current images."
         ),
+        json_schema_extra=depends_on("data set size"),
     )
     momentum: float = Field(
         0.999,
@@ -125,7 +139,12 @@ class MoCoConfig(MethodConfig):
 
 
 class MoCoV1Config(MoCoConfig):
-    temperature: float = Field(0.07, gt=0, description="Softmax temperature τ (v1 paper: 0.07).")
+    temperature: float = Field(
+        0.07,
+        gt=0,
+        description="Softmax temperature τ (v1 paper: 0.07).",
+        json_schema_extra=RESUME_SAFE,  # only scales the logits
+    )
     head: Literal["linear", "mlp"] = Field(
         "linear", description="Projection: 'linear' D->128 (v1) or 'mlp' D->D->ReLU->128 (v2)."
     )
@@ -134,7 +153,10 @@ class MoCoV1Config(MoCoConfig):
 
 class MoCoV2Config(MoCoConfig):
     temperature: float = Field(
-        0.2, gt=0, description="Softmax temperature τ (v2: 0.2; the CIFAR demo 0.1)."
+        0.2,
+        gt=0,
+        description="Softmax temperature τ (v2: 0.2; the CIFAR demo 0.1).",
+        json_schema_extra=RESUME_SAFE,
     )
     head: Literal["linear", "mlp"] = Field(
         "mlp",
@@ -177,15 +199,22 @@ class _MoCo(Method):
         self.key_encoder = nn.Sequential(
             OrderedDict(backbone=momentum_copy(backbone), head=momentum_copy(self.head))
         )
+        # The trainer fills queue_size from option_defaults; None remains for a method
+        # built directly and for runs recorded before (their config.json holds null).
         size = config.queue_size
-        origin = ""
         if size is None:
             size = default_queue_size(dataset_size)
-            if dataset_size >= 1:
-                origin = f" (the default for {dataset_size} images: a power of two <= N/8)"
+        origin = ""
+        if dataset_size >= 1 and size == default_queue_size(dataset_size):
+            origin = f" (the default for {dataset_size} images: a power of two <= N/8)"
         if 1 <= dataset_size < size:
             warnings.warn(queue_size_warning(self.name, size, dataset_size), stacklevel=2)
         self.queue = KeyQueue(config.proj_dim, size, option="method.queue_size", origin=origin)
+
+    @classmethod
+    def option_defaults(cls, ctx: RunContext) -> dict[str, Any]:
+        """The queue sized from the data set (recorded in the run's config.json)."""
+        return {"queue_size": default_queue_size(ctx.dataset_size)}
 
     @staticmethod
     def _make_head(width: int, c: MoCoConfig) -> nn.Module:

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec
 from sslcli.errors import ConfigError
-from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
+from sslcli.method import (
+    RESUME_SAFE,
+    Batch,
+    Method,
+    MethodConfig,
+    Recipe,
+    StepInfo,
+    StepOutput,
+)
 from sslcli.nn.losses import nt_xent
 
 
@@ -77,7 +85,10 @@ class SimCLRProjector(nn.Sequential):
 
 class SimCLRConfig(MethodConfig):
     temperature: float = Field(
-        0.1, gt=0, description="NT-Xent temperature: 0.1 for ImageNet, 0.5 for CIFAR-size data."
+        0.1,
+        gt=0,
+        description="NT-Xent temperature: 0.1 for ImageNet, 0.5 for CIFAR-size data.",
+        json_schema_extra=RESUME_SAFE,  # only scales the loss's logits
     )
     proj_hidden_dim: int | None = Field(
         None, ge=1, description="Projection hidden width; default: the encoder's feature width."

@@ -2,8 +2,8 @@
 
 The public API: :func:`train`, :func:`evaluate`, :func:`export`, :func:`compare`,
 :func:`embed`, :func:`report`, :func:`list_methods`, :func:`load_method`, :func:`load_timm`,
-and :class:`Method` / :class:`MethodConfig` for plugin authors. Heavy modules are imported
-on first use so ``import sslcli`` stays cheap.
+:func:`load_heads`, and :class:`Method` / :class:`MethodConfig` for plugin authors. Heavy
+modules are imported on first use so ``import sslcli`` stays cheap.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _LAZY = {
     "report": "sslcli.api",
     "load_embeddings": "sslcli.eval.embed",
     "load_timm": "sslcli.exporter",
+    "load_heads": "sslcli.load",
 }
 
 __all__ = [*_LAZY, "__version__"]

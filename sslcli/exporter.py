@@ -113,6 +113,58 @@ def head_state(method: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in strip_prefixes(out).items()}
 
 
+def _qualname(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def heads_structure(method: nn.Module, heads: dict[str, Tensor]) -> dict[str, Any]:
+    """Each head's module structure: its class, every submodule's class (encoders inside
+    it left out) and every tensor's shape and dtype; ``heads`` as :func:`head_state`."""
+    structure: dict[str, Any] = {}
+    for key, v in heads.items():
+        top = key.split(".")[0]
+        entry = structure.setdefault(top, {"class": "", "modules": {}, "tensors": {}})
+        entry["tensors"][key[len(top) + 1 :]] = {"shape": list(v.shape), "dtype": str(v.dtype)}
+    for top, entry in structure.items():
+        mod = getattr(method, top)
+        entry["class"] = _qualname(mod)
+        entry["modules"] = {
+            n: _qualname(m)
+            for n, m in mod.named_modules()
+            if n and not any(hasattr(a, "sslcli_spec") for a in [*_ancestors(mod, n), m])
+        }
+    return structure
+
+
+def heads_description(t: Any, which: str, heads: dict[str, Tensor]) -> dict[str, Any]:
+    """What ``heads.safetensors`` carries besides the tensors (its ``sslcli`` metadata):
+    enough to rebuild the heads with :func:`sslcli.load_heads` — the method, the package
+    and version that registered it, the run's resolved config (the method's options
+    included), the backbone as built, the data set size, the exported encoder, and each
+    head's module structure (:func:`heads_structure`) to check the rebuild by."""
+    from sslcli import registry
+
+    return {
+        "method": t.method_name,
+        "step": t.step,
+        "which": which,
+        "plugin": registry.info_of(type(t.method)).record(),
+        "config": t.config,
+        "backbone": t.meta.get("backbone"),
+        "dataset_size": t.meta.get("dataset_size"),
+        "heads": heads_structure(t.method, heads),
+    }
+
+
+def _ancestors(root: nn.Module, path: str) -> list[nn.Module]:
+    """The modules strictly between ``root`` and the submodule at ``path``."""
+    out, cur = [], root
+    for part in path.split(".")[:-1]:
+        cur = getattr(cur, part)
+        out.append(cur)
+    return out
+
+
 def _in_chans(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -384,7 +436,7 @@ def export(
         if not heads:
             notes.append(f"{t.method_name} has no head parameters outside its encoders")
         else:
-            meta = {"sslcli": json.dumps({"method": t.method_name, "step": t.step})}
+            meta = {"sslcli": json.dumps(heads_description(t, which, heads))}
             _write_safetensors(heads, out / HEADS_WEIGHTS, meta)
             files.append(out / HEADS_WEIGHTS)
     return ExportResult(out, which, cfg["architecture"], files, small, notes)

@@ -256,6 +256,33 @@ def rebuild_method(
     meta: dict[str, Any], state: dict[str, Tensor], *, source: Path | str = "checkpoint"
 ) -> Any:
     """The plugin class, config and backbone of a checkpoint, with its weights loaded."""
+    method = build_from_meta(meta, source=source)
+    name = method.name
+    state = strip_prefixes(state)
+    own = method.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        # A few names of each kind: a whole list of keys is not a one-line error.
+        parts = [
+            f"{len(keys)} {what} keys (e.g. {', '.join(keys[:2])})"
+            for what, keys in (
+                ("missing", missing), ("unexpected", unexpected), ("reshaped", shapes)
+            )
+            if keys
+        ]  # fmt: skip
+        raise TargetError(
+            f"{source}: weights do not fit method {name!r} as installed now: "
+            f"{'; '.join(parts)} — was it trained with another sslcli version?"
+        )
+    method.load_state_dict(state, strict=True)
+    return method
+
+
+def build_from_meta(meta: dict[str, Any], *, source: Path | str = "checkpoint") -> Any:
+    """A fresh method as a checkpoint's (or heads file's) metadata describes it: the
+    registered plugin class, the resolved options, the backbone spec as trained."""
     from sslcli import config as cfg
     from sslcli import registry
     from sslcli.backbones import BackboneSpec, spec_from_meta
@@ -277,25 +304,6 @@ def rebuild_method(
 
     # A plugin whose __init__ fails is named in one line, as in training.
     method = build_method(method_cls, mcfg, spec.build(), int(meta.get("dataset_size") or 0))
-    state = strip_prefixes(state)
-    own = method.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        # A few names of each kind: a whole list of keys is not a one-line error.
-        parts = [
-            f"{len(keys)} {what} keys (e.g. {', '.join(keys[:2])})"
-            for what, keys in (
-                ("missing", missing), ("unexpected", unexpected), ("reshaped", shapes)
-            )
-            if keys
-        ]  # fmt: skip
-        raise TargetError(
-            f"{source}: weights do not fit method {name!r} as installed now: "
-            f"{'; '.join(parts)} — was it trained with another sslcli version?"
-        )
-    method.load_state_dict(state, strict=True)
     return method
 
 
@@ -439,3 +447,65 @@ def load_export(path: Path) -> Target:
         config=run_cfg,
         meta=cfg,
     )
+
+
+def load_heads(directory: str | Path) -> Any:
+    """The method of an ``ssl export --with-heads`` directory, rebuilt from the description
+    in ``heads.safetensors`` (method, package and version, resolved options, backbone) with
+    its heads and the exported encoder loaded, in eval mode.
+
+    The heads (projectors, predictors, prototypes: the modules outside the encoders) are
+    checked against the recorded structure (every submodule's class, every tensor's name
+    and shape) and loaded strictly; the exported encoder (``model.safetensors``) is loaded
+    into the candidate it was exported from. Other encoders (a momentum teacher's backbone)
+    and training state (queues, memory banks) keep their fresh values: they are not in an
+    export. ``method.projector(method.embed(x))`` then gives the trained run's projection.
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from sslcli.exporter import EXPORT_WEIGHTS, HEADS_WEIGHTS, head_state, heads_structure
+
+    d = Path(directory)
+    file = d / HEADS_WEIGHTS
+    if not file.is_file():
+        raise TargetError(f"{d}: no {HEADS_WEIGHTS} (export the run with --with-heads)")
+    try:
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get("sslcli", "{}")
+        desc = json.loads(raw)
+        heads = load_file(str(file))
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise TargetError(f"{file}: unreadable ({e})") from e
+    if not isinstance(desc, dict) or not isinstance(desc.get("heads"), dict):
+        raise TargetError(
+            f"{file} does not describe its heads (written by an older sslcli); export the "
+            "run again with --with-heads"
+        )
+    method = build_from_meta(desc, source=file)
+    own = head_state(method)
+    rebuilt = heads_structure(method, own)
+    for top, want in desc["heads"].items():
+        got = rebuilt.get(top)
+        if got != want:
+            what = "is missing" if got is None else "differs in structure"
+            raise TargetError(
+                f"{file}: head {top!r} {what} in method {method.name!r} as installed now "
+                f"(recorded: {want.get('class')}); was it exported by another version of "
+                f"{desc.get('plugin', {}).get('package', 'its package')}?"
+            )
+    extra = sorted(set(own) - set(heads))
+    if extra:
+        raise TargetError(f"{file}: lacks head tensors the method has (e.g. {extra[0]})")
+    with torch.no_grad():
+        result = method.load_state_dict(heads, strict=False)
+    if result.unexpected_keys:
+        raise TargetError(f"{file}: holds tensors the method lacks ({result.unexpected_keys[0]})")
+    which = desc.get("which")
+    cands = method.export_candidates()
+    if which in cands and (d / EXPORT_WEIGHTS).is_file():
+        cands[which].load_state_dict(load_file(str(d / EXPORT_WEIGHTS)), strict=True)
+    method.eval()
+    return method

@@ -18,6 +18,56 @@ from torch import Tensor, nn
 from sslcli.backbones import Backbone
 from sslcli.data.views import ViewSpec
 
+RESUME_SAFE: dict[str, Any] = {"resume_safe": True}
+"""Mark of a Config option that may change when a run is resumed:
+``Field(0.1, json_schema_extra=RESUME_SAFE)``. For options that only weigh or shape the
+loss (temperatures, loss weights, augmentation probabilities), read from ``self.config`` at
+every step and never copied into a buffer or the architecture. Unmarked options are refused
+on resume: a checkpoint only fits the architecture it was saved from."""
+
+
+def depends_on(what: str) -> dict[str, Any]:
+    """Mark of a Config option whose default :meth:`Method.option_defaults` supplies from
+    the run (``what``: e.g. ``"backbone"``, ``"data set size"``):
+    ``Field(None, json_schema_extra=depends_on("data set size"))``. ``ssl methods NAME``
+    shows it; only marked options may be returned by the hook."""
+    return {"depends_on": what}
+
+
+def _field_extra(config_cls: type[BaseModel], key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, f in config_cls.model_fields.items():
+        extra = f.json_schema_extra
+        if isinstance(extra, dict) and extra.get(key) not in (None, False):
+            out[name] = extra[key]
+    return out
+
+
+def resume_safe_options(config_cls: type[BaseModel]) -> frozenset[str]:
+    """Names of ``config_cls``'s options marked :data:`RESUME_SAFE`."""
+    return frozenset(_field_extra(config_cls, "resume_safe"))
+
+
+def dependent_options(config_cls: type[BaseModel]) -> dict[str, str]:
+    """Options marked with :func:`depends_on`, with what each depends on."""
+    return {k: str(v) for k, v in _field_extra(config_cls, "depends_on").items()}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What :meth:`Method.option_defaults` may size options from."""
+
+    backbone: str
+    """The timm model name (aliases resolved)."""
+    feature_dim: int
+    """Width of the backbone's pooled features."""
+    image_size: int
+    """Side of the training views (``data.image_size``)."""
+    dataset_size: int
+    """Images in the training set."""
+    device: str
+    """``"cpu"`` or ``"cuda"``."""
+
 
 class MethodConfig(BaseModel):
     """Base of every method's ``Config``: unknown keys are errors, defaults = official recipe.
@@ -110,6 +160,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     recipe: ClassVar[Recipe] = Recipe()
+    recipes_dir: ClassVar[str | None] = "recipes"
+    """Folder of recipe files the method's package ships, relative to the directory of the
+    module that defines the class: ``recipes/imagenet.toml`` next to the module is named
+    ``--config METHOD:imagenet``. Declare it as package data so it is installed."""
     needs_dataset_size: ClassVar[bool] = False
     """True for methods that keep one row per training image (memory banks)."""
     zero_init_last: ClassVar[bool | None] = None
@@ -135,6 +189,19 @@ class Method(nn.Module, metaclass=ABCMeta):
         architecture (MoCo v3 and DINO: AdamW for ViTs, LARS / SGD for ResNets).
         """
         return cls.recipe
+
+    @classmethod
+    def option_defaults(cls, ctx: RunContext) -> dict[str, Any]:
+        """Defaults of options that depend on the run's backbone or data ({} by default).
+
+        They sit exactly where the ``Config`` defaults sit: below the method's recipe
+        files, flags and ``--set``, so an option the user states always wins. Each key
+        must be a Config option marked :func:`depends_on`; the values are validated as
+        the user's would be and recorded in the run's ``config.json``, so a resumed run
+        keeps them. Example: a projector of 8192 on a ResNet-50 over ImageNet, 512 on a
+        small CPU run.
+        """
+        return {}
 
     @classmethod
     def backbone_kwargs(cls, timm_name: str) -> dict[str, Any]:

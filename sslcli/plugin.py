@@ -36,12 +36,15 @@ from sslcli.engine.schedules import (
 from sslcli.errors import ConfigError, MethodContractError, PluginError, SSLError
 from sslcli.method import (
     RESERVED_LOG_KEYS,
+    RESUME_SAFE,
     Batch,
     Method,
     MethodConfig,
     Recipe,
+    RunContext,
     StepInfo,
     StepOutput,
+    depends_on,
 )
 from sslcli.nn import dist
 from sslcli.nn.dino_head import DINOHead
@@ -113,6 +116,10 @@ __all__ = [
     "Recipe",
     "StepInfo",
     "StepOutput",
+    # option markers and the run an option's default may depend on
+    "RESUME_SAFE",
+    "RunContext",
+    "depends_on",
     # views
     "IMAGENET_MEAN",
     "IMAGENET_STD",

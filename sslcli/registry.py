@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from sslcli.errors import ConfigError, PluginError, suggest
-from sslcli.method import Method, MethodConfig
+from sslcli.method import Method, MethodConfig, RunContext, dependent_options
 
 GROUP = "sslcli.methods"
 BUILTIN_PACKAGE = "sslcli"
@@ -184,6 +186,7 @@ def validate(name: str, value: str, obj: object, where: str | None = None) -> No
             ) from None
     _validate_defaults(cfg, where)
     _validate_recipes(obj, where)
+    _validate_option_defaults(obj, where)
 
 
 def _validate_defaults(cfg: type[BaseModel], where: str) -> None:
@@ -220,6 +223,42 @@ def _validate_recipes(cls: type[Method], where: str) -> None:
                 f"{where}: method {cls.name}'s recipe (for backbone {backbone}): "
                 f"{_error_line(e)}"
             ) from e
+
+
+# Runs the option_defaults hook is tried on at load time: ImageNet on a GPU, a small CPU run.
+OPTION_CHECK_RUNS = (
+    RunContext("resnet50", 2048, 224, 1_281_167, "cuda"),
+    RunContext("resnet18", 512, 32, 50_000, "cpu"),
+)
+
+
+def _validate_option_defaults(cls: type[Method], where: str) -> None:
+    """What ``option_defaults`` returns for typical runs must be marked options that
+    validate: a bad value is the plugin's error at load time, not a run's."""
+    from pydantic import ValidationError
+
+    from sslcli.config import format_validation_error
+
+    marked = dependent_options(cls.Config)
+    for ctx in OPTION_CHECK_RUNS:
+        run = f"{ctx.backbone}, {ctx.dataset_size} images, {ctx.device}"
+        try:
+            values = cls.option_defaults(ctx)
+        except Exception as e:  # noqa: BLE001 - the plugin's hook raised
+            raise PluginError(f"{where}: option_defaults({run}) raised {_error_line(e)}") from e
+        if not isinstance(values, dict):
+            raise PluginError(f"{where}: option_defaults() returned a {type(values).__name__}")
+        bad = sorted(str(k) for k in values if k not in marked)
+        if bad:
+            raise PluginError(
+                f"{where}: option_defaults() returned {', '.join(bad)}, not Config options "
+                f"marked depends_on(...) (marked: {', '.join(sorted(marked)) or 'none'})"
+            )
+        try:
+            cls.Config(**values)
+        except ValidationError as e:
+            line = format_validation_error(e, prefix="method")[0]
+            raise PluginError(f"{where}: option_defaults({run}) is invalid: {line}") from e
 
 
 def _resolve(name: str) -> PluginInfo:
@@ -337,3 +376,48 @@ def list_methods() -> list[MethodStatus]:
         except PluginError as e:
             out.append(MethodStatus(info, None, str(e), clash))
     return out
+
+
+RECIPE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def recipe_files(cls: type[Method]) -> dict[str, Path]:
+    """The recipe files a method's package ships, by name (file stem): the files in
+    ``cls.recipes_dir``, a folder next to the module that defines the class. Built-ins ship
+    none (their ``examples/recipes/`` are not installed); {} when the folder is absent."""
+    rel = getattr(cls, "recipes_dir", None)
+    module = sys.modules.get(cls.__module__)
+    file = getattr(module, "__file__", None)
+    if not rel or not file:
+        return {}
+    folder = Path(file).resolve().parent / rel
+    if not folder.is_dir():
+        return {}
+    return {
+        p.stem: p
+        for p in sorted(folder.iterdir())
+        if p.suffix in RECIPE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    }
+
+
+def recipe_reference(ref: str) -> tuple[str, Path] | None:
+    """``METHOD:RECIPE`` (or ``PACKAGE:METHOD:RECIPE``) as (method, file) when ``ref`` is
+    such a name and not an existing path; None for a plain path. One line when the method
+    ships no recipe of that name, listing those it ships."""
+    if Path(ref).exists() or ":" not in ref:
+        return None
+    method, _, name = ref.rpartition(":")
+    bare = method.rpartition(":")[2]
+    if not method or bare not in {r.name for r in registrations()}:
+        return None  # a path with a colon in it; read_recipe says it is missing
+    cls = load(method)
+    files = recipe_files(cls)
+    if name in files:
+        return method, files[name]
+    have = ", ".join(files) or "none"
+    # The built-ins' recipes are files in sslcli's repository, not installed package data.
+    hint = "; give a recipe file's path" if info_of(cls).builtin and not files else ""
+    raise ConfigError(
+        [f"--config {ref}: method {method} ships no recipe {name!r}"
+         f"{suggest(name, list(files))} (its recipes: {have}){hint}"]
+    )  # fmt: skip

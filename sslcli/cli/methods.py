@@ -50,13 +50,29 @@ def _show(cls: type) -> None:
     table = Table(title="method options (--set method.KEY=VALUE)")
     for col in ("option", "default", "description"):
         table.add_column(col)
+    from sslcli import registry
+    from sslcli.method import dependent_options, resume_safe_options
+
+    depends = dependent_options(cls.Config)
+    safe = resume_safe_options(cls.Config)
     for key, field in cls.Config.model_fields.items():
-        table.add_row(
-            escape(key),
-            escape(repr(field.get_default(call_default_factory=True))),
-            escape(field.description or ""),
-        )
+        default = repr(field.get_default(call_default_factory=True))
+        notes = []
+        if key in depends:
+            # Filled per run by Method.option_defaults; the run's config.json has the value.
+            default = f"by {depends[key]}"
+            notes.append(f"default depends on the {depends[key]}")
+        if key in safe:
+            notes.append("may change on resume")
+        desc = (field.description or "") + (f" [{'; '.join(notes)}]" if notes else "")
+        table.add_row(escape(key), escape(default), escape(desc))
     out.print(table)
+    shipped = registry.recipe_files(cls)
+    if shipped:
+        out.print(
+            escape(f"recipe files (--config {cls.name}:NAME): " + ", ".join(shipped)),
+            highlight=False,
+        )
     # Recipes may depend on the architecture (MoCo v3, DINO): show each distinct one.
     shown: list[dict[str, Any]] = []
     for family, example in (("convnets", "resnet50"), ("ViTs", "vit-s")):

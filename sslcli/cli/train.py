@@ -26,7 +26,7 @@ def train(
     precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16"),
     seed: int = typer.Option(None, "--seed"),
     out_dir: str = typer.Option(None, "--out", "-o", help="Run directory."),
-    config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Recipe file, or METHOD:RECIPE."),
     sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
     resume: Path = typer.Option(
         None,

@@ -22,7 +22,7 @@ def views(
     data: str = typer.Option(None, "--data", "-d", help="'digits', DIR or format:DIR."),
     backbone: str = typer.Option(None, "--backbone", "-b", help="Alias or timm model name."),
     image_size: int = typer.Option(None, "--image-size"),
-    config: Path = typer.Option(None, "--config", "-c", help="Recipe file (YAML/TOML/JSON)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Recipe file, or METHOD:RECIPE."),
     sets: list[str] = typer.Option(None, "--set", help="section.key=value (repeatable)."),
     n: int = typer.Option(8, "--n", help="Number of source images (rows)."),
     seed: int = typer.Option(

@@ -14,14 +14,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone
-from sslcli.config import OptimConfig
+from sslcli.config import OptimConfig, RunConfig, format_validation_error
 from sslcli.data.views import ViewSpec
 from sslcli.engine.optim import default_param_groups, is_norm_or_bias
 from sslcli.errors import MethodContractError, SSLError
-from sslcli.method import RESERVED_LOG_KEYS, Method, MethodConfig, StepOutput
+from sslcli.method import (
+    RESERVED_LOG_KEYS,
+    Method,
+    MethodConfig,
+    RunContext,
+    StepOutput,
+    dependent_options,
+)
 from sslcli.registry import PluginInfo, info_of
 
 
@@ -58,6 +66,43 @@ def build_method(
     if not isinstance(method, Method):  # a __new__ returning something else
         raise breach(info, f"constructing it gave a {_type_name(method)}, not a Method")
     return method
+
+
+def apply_option_defaults(
+    cls: type[Method], run: RunConfig, config: MethodConfig, ctx: RunContext
+) -> MethodConfig:
+    """``config`` with :meth:`Method.option_defaults` filled in for every option the user
+    did not state (recipe file, flag, ``--set`` or a resumed run's config.json), and
+    ``run.method_options`` updated so the run's config.json records the values used."""
+    info = info_of(cls)
+    try:
+        values = cls.option_defaults(ctx)
+    except SSLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plugin's bug, reported as its own
+        raise breach(info, f"option_defaults() raised {_error_line(e)}") from e
+    if not isinstance(values, dict):
+        raise breach(info, f"option_defaults() returned a {_type_name(values)}, not a dict")
+    marked = dependent_options(cls.Config)
+    bad = sorted(str(k) for k in values if k not in marked)
+    if bad:
+        raise breach(
+            info,
+            f"option_defaults() returned {', '.join(bad)}, not Config options marked "
+            f"depends_on(...) (marked: {', '.join(sorted(marked)) or 'none'})",
+        )
+    stated = config.model_fields_set
+    fill = {k: v for k, v in values.items() if k not in stated}
+    if not fill:
+        return config
+    kept = config.model_dump(mode="json", include=set(stated))
+    try:
+        new = type(config)(**{**fill, **kept})
+    except ValidationError as e:
+        lines = format_validation_error(e, prefix="method", model=type(config))
+        raise breach(info, f"option_defaults() gave an invalid value: {lines[0]}") from e
+    run.method_options = new.model_dump(mode="json")
+    return new
 
 
 def check_views(method: Method) -> list[ViewSpec]:

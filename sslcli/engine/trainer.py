@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from sslcli import registry
-from sslcli.backbones import make_spec
+from sslcli.backbones import feature_dim, make_spec
 from sslcli.config import RunConfig, save_json
 from sslcli.data.augment import ViewPipeline
 from sslcli.data.crops import CropDataset, CropPlan, Crops, collate_crops
@@ -73,7 +73,15 @@ from sslcli.engine.runtime import (
 from sslcli.errors import CheckpointError, ConfigError, MethodContractError, SSLError
 from sslcli.eval.features import eval_transform
 from sslcli.eval.online_probe import OnlineProbe
-from sslcli.method import Batch, Method, MethodConfig, StepInfo, StepOutput
+from sslcli.method import (
+    Batch,
+    Method,
+    MethodConfig,
+    RunContext,
+    StepInfo,
+    StepOutput,
+    resume_safe_options,
+)
 from sslcli.nn import dist
 
 # Fields whose change makes a checkpoint's tensors meaningless for the new run. The data
@@ -141,9 +149,16 @@ def _diff(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...]) -> 
 INIT_ONLY_ARGS = ("zero_init_last", "weight_init")
 
 
-def architecture_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted names of architecture fields that differ between two resolved configs."""
-    return _diff(old, new, ARCH_FIELDS)
+def architecture_diff(
+    old: dict[str, Any], new: dict[str, Any], resume_safe: frozenset[str] = frozenset()
+) -> list[str]:
+    """Dotted names of architecture fields that differ between two resolved configs;
+    ``resume_safe``: method options marked safe to change (``method.NAME`` left out)."""
+    return [
+        k
+        for k in _diff(old, new, ARCH_FIELDS)
+        if not (k.startswith("method.") and k.split(".")[1] in resume_safe)
+    ]
 
 
 # Slurm's pre-emption warning (sbatch --signal=USR1@90) and batch systems' stop signal.
@@ -345,6 +360,12 @@ class Trainer:
         if self._resume_meta is not None:
             self._check_same_backbone(self._resume_meta)
         backbone = self.backbone_spec.build()
+        # Options the method sizes from the backbone and data, where the user stated none.
+        ctx = RunContext(self.backbone_spec.timm_name, feature_dim(backbone), d.image_size, n,
+                         self.device.type)  # fmt: skip
+        self.method_config = method_config = contract.apply_option_defaults(
+            method_cls, run, method_config, ctx
+        )
         self.method: Method = contract.build_method(method_cls, method_config, backbone, n)
         if t.grad_checkpointing:
             self._grad_checkpointing()
@@ -471,7 +492,8 @@ class Trainer:
 
     def _check_resumable(self, meta: dict[str, Any]) -> None:
         old, new = meta.get("config", {}), self.run.to_json_dict()
-        arch = architecture_diff(old, new)
+        safe = resume_safe_options(self.method_cls.Config)
+        arch = architecture_diff(old, new, safe)
         if arch:
             fo, fn = _flatten(old), _flatten(new)
             what = ", ".join(f"{k} ({fo.get(k)!r} -> {fn.get(k)!r})" for k in arch)
@@ -485,6 +507,11 @@ class Trainer:
                  f"({_flatten(old).get(pos[0])} -> {_flatten(new).get(pos[0])}); the step "
                  "would no longer map to the same epoch and samples"]
             )  # fmt: skip
+        changed = [k for k in _diff(old, new, ("method",)) if k not in arch]
+        if changed:
+            fo, fn = _flatten(old), _flatten(new)
+            self._say("resuming with changed options (marked safe to change): " + ", ".join(
+                f"{k} {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed))  # fmt: skip
 
     def _channels_last(self) -> bool:
         cl = self.run.trainer.channels_last

@@ -24,10 +24,12 @@ from sslcli.plugin import (
     Method,
     MethodConfig,
     Recipe,
+    RunContext,
     StepInfo,
     StepOutput,
     ViewSpec,
     byol_views,
+    depends_on,
     dist,
     feature_dim,
     full_precision,
@@ -36,8 +38,13 @@ from sslcli.plugin import (
 
 
 class BarlowTwinsConfig(MethodConfig):
-    proj_dim: int = Field(
-        8192, ge=1, description="Projector width (all three layers); smaller for CPU runs."
+    proj_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Projector width (all three layers). Default: the official 8192 on a "
+        "GPU run over ImageNet-sized data (>= 100,000 images), else 4x the backbone's "
+        "feature width (2048 for a ResNet-18), at most 8192.",
+        json_schema_extra=depends_on("backbone, data set size and device"),
     )
     lambd: float = Field(0.0051, gt=0, description="Weight of the off-diagonal (redundancy) term.")
     crop_min_scale: float = Field(
@@ -85,8 +92,17 @@ class BarlowTwins(Method):
     ) -> None:
         super().__init__(config, backbone, dataset_size)
         self.config: BarlowTwinsConfig = config
-        d = config.proj_dim
+        d = config.proj_dim or 8192  # None only when built outside a run
         self.projector = MLP([feature_dim(backbone), d, d, d], bias=False)
+
+    @classmethod
+    def option_defaults(cls, ctx: RunContext) -> dict[str, int]:
+        """The paper's 8192-wide projector where it was trained (ResNet-50, ImageNet, GPUs;
+        Fig. 4: wider keeps helping there); on a small or CPU run a projector of 3 x 8192²
+        weights would dwarf the backbone, so 4x the feature width."""
+        if ctx.device == "cuda" and ctx.dataset_size >= 100_000:
+            return {"proj_dim": 8192}
+        return {"proj_dim": min(8192, 4 * ctx.feature_dim)}
 
     def views(self) -> list[ViewSpec]:
         # The official augmentations are BYOL's pair, crops resampled bicubically.
