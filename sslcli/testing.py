@@ -250,8 +250,9 @@ DIST_STEPS = 3
 # float32 runs stay within 2e-6 of float64 (losses) and 3e-7 (weights), so the
 # tolerances below separate rounding from a method that mishandles the global batch.
 DIST_LR = 1e-3
-DIST_UPDATE_ATOL = 1e-5
-"""Absolute tolerance on the weight updates; rounding reaches about 3e-7."""
+DIST_UPDATE_ATOL = 2e-6
+"""Absolute tolerance on the weight updates; rounding reaches about 3e-7 there. The
+parameters must move by ten times it (SimSiam's move least, about 7e-5, at this lr)."""
 
 
 def _dist_overrides(case: ContractCase, out: Path, batch: int) -> dict[str, Any]:
@@ -304,13 +305,13 @@ def check_two_processes_equal_one(case: ContractCase, tmp_path: Path) -> None:
     )
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == DIST_STEPS
-    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
     a, _ = ckpt.load(tmp_path / "one")
     b, meta = ckpt.load(tmp_path / "two")
     assert meta["world_size"] == 2
     params = {n for n, _ in one.method.named_parameters()}
     moved = max(float((a["model"][k].float() - init[k].float()).abs().max()) for k in params)
-    assert moved > 100 * DIST_UPDATE_ATOL, (
+    assert moved > 10 * DIST_UPDATE_ATOL, (
         f"the weights hardly moved ({moved:.2e}): the comparison would prove nothing"
     )
     # The updates (not the weights: at this lr they are small next to the weights) agree
