@@ -73,6 +73,11 @@ class ContractCase:
     its step, e.g. noise samples, cannot match across process counts)."""
     image_size: int = 16
     batch_size: int = 8
+    dist_update_share: float = 2e-2
+    """How far (as a share of the largest parameter update) two processes' weight updates
+    may differ from one process's. Raise it only with evidence that float32 rounding alone
+    reaches it: the same run in float64 has two processes equal one, and one float32
+    process differs from its float64 twin by about as much (SwAV's Sinkhorn)."""
 
     def overrides(self, out: Path, **trainer: Any) -> dict[str, Any]:
         base = {
@@ -251,8 +256,9 @@ DIST_STEPS = 3
 # tolerances below separate rounding from a method that mishandles the global batch.
 DIST_LR = 1e-3
 DIST_UPDATE_ATOL = 2e-6
-"""Absolute tolerance on the weight updates; rounding reaches about 3e-7 there. The
-parameters must move by ten times it (SimSiam's move least, about 7e-5, at this lr)."""
+"""Floor of the absolute tolerance on the weight updates (rounding: about 3e-7 for most
+methods); the parameters must move by ten times it (SimSiam's move least, 7e-5)."""
+
 
 
 def _dist_overrides(case: ContractCase, out: Path, batch: int) -> dict[str, Any]:
@@ -322,7 +328,8 @@ def check_two_processes_equal_one(case: ContractCase, tmp_path: Path) -> None:
             continue
         torch.testing.assert_close(
             b["model"][k].double() - init[k].double(), a["model"][k].double() - init[k].double(),
-            rtol=1e-2, atol=DIST_UPDATE_ATOL, msg=lambda m, k=k: f"{case.method}: {k}: {m}",
+            rtol=1e-2, atol=max(DIST_UPDATE_ATOL, case.dist_update_share * moved),
+            msg=lambda m, k=k: f"{case.method}: {k}: {m}",
         )
 
 
@@ -343,6 +350,7 @@ if pytest is not None:
         backbones: ClassVar[tuple[str, ...]] = ("test_resnet",)
         static_buffers: ClassVar[tuple[str, ...]] = ()
         distributed: ClassVar[bool] = True
+        dist_update_share: ClassVar[float] = 2e-2
 
         @pytest.fixture
         def contract_case(self) -> ContractCase:
@@ -351,6 +359,7 @@ if pytest is not None:
             return ContractCase(
                 self.method, tuple(self.sets), tuple(self.backbones),
                 tuple(self.static_buffers), self.distributed,
+                dist_update_share=self.dist_update_share,
             )  # fmt: skip
 
         def test_loads_and_describes_itself(
