@@ -13,6 +13,11 @@ writes the loss for the B originals), the scored side of every inner product is 
 stop-gradient copy (one-sided: gradients reach a feature only through its role as anchor),
 and the loss divides by 2B. Unlike the official code it accepts any batch size, so a
 smaller last batch works.
+
+The official code trains on one GPU. Under several processes every process's views are
+anchors scored against the views of the whole global batch (all-gathered; they are the
+stop-gradient side, so no gradient crosses processes), and the mean of the processes'
+losses is the one-process loss of the global batch: the same run on 1 or N processes.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ STATIC: dict[str, tuple[str, ...]] = {
 # process's draws: NCE noise rows (InstDisc, CMC), the shuffle of shuffling BN (MoCo v1/v2),
 # CPC's per-patch augmentation.
 NOT_DISTRIBUTED_EQUAL: set[str] = {"instdisc", "cmc", "moco-v1", "moco-v2", "cpc"}
+# SwAV's Sinkhorn (exp of scores / 0.05) amplifies float32 rounding: over the kit's three
+# steps one process in float32 ends 4.5e-5 from the same run in float64 (largest update
+# 8.3e-4), two float32 processes 7e-5 from one; in float64 two processes equal one to 2e-16.
+DIST_UPDATE_SHARE: dict[str, float] = {"swav": 0.25}
 
 
 def _sets(name: str) -> tuple[str, ...]:
@@ -50,6 +54,7 @@ def case(name: str) -> ContractCase:
         backbones=("test_resnet", "test_vit") if name in VIT_AWARE else ("test_resnet",),
         static_buffers=STATIC.get(name, ()),
         distributed=name not in NOT_DISTRIBUTED_EQUAL,
+        dist_update_share=DIST_UPDATE_SHARE.get(name, 2e-2),
     )
 
 

@@ -157,6 +157,39 @@ def _check_collectives(rank: int, world: int) -> None:
     torch.testing.assert_close(synced.running_var, ref.running_var)
 
 
+def _bn_precision_worker(rank: int, world: int, port: int) -> None:
+    _env(rank, world, port)
+    tdist.init_process_group("gloo")
+    try:
+        g = torch.Generator().manual_seed(0)
+        # Channels whose mean is 1000 times their spread (the first layers see such inputs,
+        # SimCLR's unnormalised pixels say): float32 sums keep only a few digits of x - mean.
+        images = 10 + 0.01 * torch.randn(8, 3, 4, 4, generator=g)
+        up = torch.randn(8, 3, 4, 4, generator=g)
+        ref = nn.BatchNorm2d(3).double()  # the exact answer for these float32 inputs
+        xr = images.double().requires_grad_(True)
+        out_ref = ref(xr)
+        ((out_ref * up.double()).sum() / world).backward()
+        synced = dist.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
+        mine = slice(rank * 4, (rank + 1) * 4)
+        xs = images[mine].clone().requires_grad_(True)
+        out = synced(xs)
+        (out * up[mine]).sum().backward()
+        assert out.dtype == torch.float32 and xs.grad is not None
+        torch.testing.assert_close(out.double(), out_ref[mine].detach(), rtol=1e-5, atol=1e-5)
+        assert xr.grad is not None
+        torch.testing.assert_close(xs.grad.double(), xr.grad[mine] * world, rtol=1e-5, atol=1e-3)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_global_batchnorm_keeps_the_digits_of_x_minus_mean_on_cpu() -> None:
+    """Two processes' GlobalBatchNorm == the exact (float64) BN of the whole batch to float32
+    rounding of the result, even where a channel's mean dwarfs its spread: float32 sums
+    were 7e-5 off here, and the error grew over training steps."""
+    _spawn(_bn_precision_worker)
+
+
 # --------------------------------------------------------------------------------------------
 # Two processes x B == one process x 2B
 # --------------------------------------------------------------------------------------------

@@ -210,7 +210,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     backward pass is exact too. ``torch.nn.SyncBatchNorm`` refuses CPU tensors; this
     module runs on any device and backend (gloo included), with two small all-reduces per
     layer (sum, then the sum of squared deviations, which is numerically safer than
-    ``E[x^2] - E[x]^2``). Single process or eval mode: plain ``F.batch_norm``.
+    ``E[x^2] - E[x]^2``), accumulated in float64 on CPU and in float32 elsewhere.
+    Single process or eval mode: plain ``F.batch_norm``.
 
     State dict keys equal ``nn.BatchNorm*d``'s, so checkpoints and exports are unchanged.
     """
@@ -229,7 +230,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
         dims = [0, *range(2, input.dim())]
-        x = input.float()
+        # Sums in float64 on CPU (cheap there; accelerators keep float32, MPS has no
+        # float64): for a channel whose mean is large next to its spread, float32 sums lose
+        # the digits of x - mean that matter, and two processes drift from one process's
+        # plain BN far beyond rounding (SimCLR v2, two SGD steps at lr 1e-3: stem weights
+        # 2.5e-5 apart with float32 sums, 1e-7 with float64; both equal in float64 runs).
+        x = input.to(torch.float64 if input.device.type == "cpu" else torch.float32)
         c = x.shape[1]
         # The sample count rides along with the sums (processes may hold different
         # numbers of rows), and stays a tensor so no host sync is needed.
