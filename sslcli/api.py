@@ -79,6 +79,22 @@ def _check_resume_target(resume: Path) -> None:
         )  # fmt: skip
 
 
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file (YAML, TOML or JSON) as a nested dict; errors are one line.
+
+    ``METHOD:RECIPE`` (not an existing path) names a recipe file shipped inside the
+    method's package (:func:`sslcli.registry.recipe_files`); the layer then names the
+    method too, unless the file does."""
+    shipped = registry.recipe_reference(str(path))
+    if shipped is None:
+        return cfg.read_recipe(path)
+    layer = cfg.read_recipe(shipped[1])
+    if cfg.method_name_of(layer) is None:
+        given = layer.get("method")
+        layer["method"] = {**(given if isinstance(given, dict) else {}), "name": shipped[0]}
+    return layer
+
+
 def _resumed_run(resume: Path) -> tuple[dict[str, Any], Any]:
     """The resolved config a run directory or checkpoint holds, and its plugin record."""
     run_json = _run_config_path(resume)
@@ -105,7 +121,7 @@ def _user_layers(
     if resume is not None:
         layers.append(("resumed run", _resumed_run(Path(resume))[0]))
     if config is not None:
-        layers.append((f"file {Path(config).name}", cfg.read_recipe(config)))
+        layers.append((f"file {Path(config).name}", read_recipe(config)))
     if overrides:
         layers.append(("flag", overrides))
     if sets:

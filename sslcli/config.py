@@ -257,24 +257,7 @@ SECTIONS = ("data", "backbone", "optim", "schedule", "trainer")
 
 # -- loading and merging ---------------------------------------------------------------------
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A YAML, TOML or JSON recipe as a nested dict; errors are one line.
-
-    ``METHOD:RECIPE`` (not an existing path) names a recipe file shipped inside the
-    method's package (:func:`sslcli.registry.recipe_files`); the layer then names the
-    method too, unless the file does."""
-    from sslcli import registry
-
-    shipped = registry.recipe_reference(str(path))
-    if shipped is not None:
-        layer = _read_recipe_file(shipped[1])
-        if method_name_of(layer) is None:
-            given = layer.get("method")
-            layer["method"] = {**(given if isinstance(given, dict) else {}), "name": shipped[0]}
-        return layer
-    return _read_recipe_file(path)
-
-
-def _read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON recipe file as a nested dict; errors are one line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])

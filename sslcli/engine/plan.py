@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from sslcli.data.datasets import ImageDataset
 from sslcli.data.views import expand
+from sslcli.engine.dryrun import DryRun
 
 if TYPE_CHECKING:
     from sslcli.engine.trainer import Trainer
@@ -58,37 +57,6 @@ ACCUMULATION_NOTE = (
     "over processes with negatives gathered across them), trainer.grad_checkpointing=true "
     "(ViTs and ResNets), or a smaller batch with the learning rate scaled accordingly."
 )
-
-
-@dataclass
-class DryRun:
-    """How a dry run differs from the run it describes."""
-
-    processes: int = 1
-    """Plan for this many processes (GPUs): the per-process batch and memory follow."""
-    images: int | None = None
-    """Plan for a training set of this many images instead of opening the data."""
-    note: str | None = None
-    """Why the plan differs from the command (said in the output)."""
-
-    def nominal_dataset(self, load_size: int) -> ImageDataset:
-        assert self.images is not None
-        return NominalDataset(self.images, load_size)
-
-
-class NominalDataset(ImageDataset):
-    """A stand-in of ``n`` unlabelled images for a dry run that does not open the data."""
-
-    def __init__(self, n: int, load_size: int) -> None:
-        self.name = f"nominal:{n}"
-        self.split = "train"
-        self.classes = None
-        self.load_size = load_size
-        self.labels = torch.full((n,), -1, dtype=torch.int64)
-        self.in_memory = False
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        raise RuntimeError("a nominal dataset has no images (dry run)")
 
 
 # -- the timm calls ------------------------------------------------------------------------------

@@ -52,13 +52,13 @@ from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, 
 from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
 from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import contract, rundir, schedules
+from sslcli.engine.dryrun import DryRun
 from sslcli.engine.knn_monitor import knn_monitor
 from sslcli.engine.optim import (
     build_optimizer,
     match_param_layout,
     scaled_lr,
 )
-from sslcli.engine.plan import DryRun
 from sslcli.engine.runtime import (
     autocast,
     configure_backends,
