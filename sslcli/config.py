@@ -297,6 +297,19 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def flatten_dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested settings as ``section.key`` paths (the
+    inverse of :func:`set_dotted`); an empty dict stays one value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_dotted(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = d

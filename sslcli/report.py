@@ -34,6 +34,7 @@ import numpy as np
 
 from sslcli import svgplot
 from sslcli.comparison import COLUMNS, RunSummary, _records, fmt_value, read_run
+from sslcli.config import flatten_dotted
 from sslcli.errors import DataError, SSLError
 from sslcli.load import TargetError, is_export_dir, latest_run, run_dir_of
 
@@ -98,17 +99,6 @@ def resolve_run(run: str | Path | None) -> Path:
     return p
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def differences_from_defaults(config: dict[str, Any]) -> list[tuple[str, Any, Any]] | None:
     """``(dotted key, value, default)`` where the run's config differs from what the
     method's defaults alone resolve to (None when the method is not installed)."""
@@ -124,7 +114,7 @@ def differences_from_defaults(config: dict[str, Any]) -> list[tuple[str, Any, An
     except SSLError:
         return None
     settings = {k: v for k, v in config.items() if k not in RUN_RECORDS}  # not settings
-    ours, base = _flatten(settings), _flatten(run.to_json_dict())
+    ours, base = flatten_dotted(settings), flatten_dotted(run.to_json_dict())
     skip = {"trainer.out"}  # always differs (the run's own directory), says nothing
     return [
         (k, ours.get(k), base.get(k))
@@ -625,7 +615,7 @@ def write_compare_report(summaries: Sequence[RunSummary], out: str | Path) -> Pa
     configs = []
     for s in summaries:
         try:
-            configs.append(_flatten(json.loads((s.run_dir / "config.json").read_text())))
+            configs.append(flatten_dotted(json.loads((s.run_dir / "config.json").read_text())))
         except (OSError, json.JSONDecodeError):
             configs.append({})
     keys = sorted({k for c in configs for k in c} - {"trainer.out"})

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sslcli.config import flatten_dotted
 from sslcli.data.views import expand
 from sslcli.engine.dryrun import DryRun
 
@@ -94,7 +95,7 @@ def describe(
     t, o, s = run.trainer, run.optim, run.schedule
     spe, total = tr.steps_per_epoch, tr.total_steps
     n = len(tr.dataset)
-    flat = _flatten(run.to_json_dict())
+    flat = flatten_dotted(run.to_json_dict())
     settings = [
         {"key": k, "value": v, "from": sources.get(k, "default")} for k, v in sorted(flat.items())
     ]
@@ -172,17 +173,6 @@ def _probe_steps(tr: Trainer) -> list[int]:
     return sorted({0, max(0, w - 1), min(w, max(0, tr.total_steps - 1))})
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def sources_of(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
     """``{dotted key: the layer that set it last}`` over named layers, lowest first."""
     out: dict[str, str] = {}
@@ -190,7 +180,7 @@ def sources_of(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
         m = layer.get("method")
         if isinstance(m, str):  # "method = NAME" names the method only
             layer = {k: v for k, v in layer.items() if k != "method"}
-        for k in _flatten(layer):
+        for k in flatten_dotted(layer):
             out[k] = name
     out.pop("method.name", None)
     return out

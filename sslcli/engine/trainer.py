@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from sslcli import registry
 from sslcli.backbones import feature_dim, make_spec
-from sslcli.config import RunConfig, save_json
+from sslcli.config import RunConfig, flatten_dotted, save_json
 from sslcli.data.augment import ViewPipeline
 from sslcli.data.crops import CropDataset, CropPlan, Crops, collate_crops
 from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
@@ -123,19 +123,8 @@ def default_run_dir(method: str) -> Path:
     return Path("runs") / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _diff(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
-    fo, fn = _flatten(old), _flatten(new)
+    fo, fn = flatten_dotted(old), flatten_dotted(new)
     keys = sorted(set(fo) | set(fn))
     return [
         k
@@ -494,8 +483,8 @@ class Trainer:
         old, new = meta.get("config", {}), self.run.to_json_dict()
         safe = resume_safe_options(self.method_cls.Config)
         arch = architecture_diff(old, new, safe)
+        fo, fn = flatten_dotted(old), flatten_dotted(new)
         if arch:
-            fo, fn = _flatten(old), _flatten(new)
             what = ", ".join(f"{k} ({fo.get(k)!r} -> {fn.get(k)!r})" for k in arch)
             raise ConfigError(
                 [f"cannot resume {self.resume_path}: the architecture differs in {what}"]
@@ -504,12 +493,11 @@ class Trainer:
         if pos:
             raise ConfigError(
                 [f"cannot resume {self.resume_path}: {', '.join(pos)} differs "
-                 f"({_flatten(old).get(pos[0])} -> {_flatten(new).get(pos[0])}); the step "
+                 f"({fo.get(pos[0])} -> {fn.get(pos[0])}); the step "
                  "would no longer map to the same epoch and samples"]
             )  # fmt: skip
         changed = [k for k in _diff(old, new, ("method",)) if k not in arch]
         if changed:
-            fo, fn = _flatten(old), _flatten(new)
             self._say("resuming with changed options (marked safe to change): " + ", ".join(
                 f"{k} {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed))  # fmt: skip
 
