@@ -98,7 +98,7 @@ def jpeg_batches(trainer: Any, epoch: int, workers: int) -> Iterator[Any]:
     from torch.utils.data import DataLoader
 
     from sslcli.data.gpu_decode import JpegBytesDataset, collate_jpeg
-    from sslcli.engine.runtime import epoch_order
+    from sslcli.runtime import epoch_order
 
     n, gb = len(trainer.dataset), trainer.global_batch
     order = epoch_order(n, trainer.run.trainer.seed, epoch)[: trainer.steps_per_epoch * gb]
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = CachedDataset(trainer.dataset, device=device, num_workers=workers)
         fill_s = time.perf_counter() - t0
         print(f"cached {len(cache)} images ({cache.nbytes / 2**20:.1f} MiB) in {fill_s:.1f}s")
-        from sslcli.engine.runtime import epoch_order
+        from sslcli.runtime import epoch_order
 
         def cached_epoch(epoch: int) -> Iterator[Any]:
             order = epoch_order(len(cache), 0, epoch)

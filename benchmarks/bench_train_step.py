@@ -300,7 +300,7 @@ def fallback_facts(args: argparse.Namespace, device: torch.device) -> dict[str, 
     """What the trainer would decide, for timing the reference when sslcli's step cannot
     be built (e.g. a method or engine part still missing)."""
     from sslcli.backbones import make_spec
-    from sslcli.engine.runtime import pick_dtype
+    from sslcli.runtime import pick_dtype
 
     spec = make_spec(args.backbone, args.image_size)
     dtype = pick_dtype(args.precision, device)

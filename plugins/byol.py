@@ -28,11 +28,11 @@ from sslcli.backbones import (
     has_bottleneck_blocks,
 )
 from sslcli.data.views import ViewSpec, asymmetric_views
-from sslcli.engine.schedules import cosine_increase
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn.ema import ema_update_, momentum_copy
 from sslcli.nn.heads import MLP
 from sslcli.nn.regression import byol_loss, mean_cosine
+from sslcli.nn.schedules import cosine_increase
 
 # -- shared parts -----------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim, is_vit_name
 from sslcli.data.views import ViewSpec
-from sslcli.engine.schedules import cosine_increase
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
 from sslcli.nn.dino_head import (
@@ -54,6 +53,7 @@ from sslcli.nn.dino_head import (
     patch_size,
 )
 from sslcli.nn.ema import ema_update_, momentum_copy
+from sslcli.nn.schedules import cosine_increase
 
 # -- the loss and its schedules -----------------------------------------------------------------
 

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim, is_vit_name
 from sslcli.data.views import ViewSpec, asymmetric_views
-from sslcli.engine.schedules import cosine_increase
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
 from sslcli.nn import dist
 from sslcli.nn.ema import ema_update_, momentum_copy
 from sslcli.nn.heads import MLP
+from sslcli.nn.schedules import cosine_increase
 from sslcli.nn.vit import freeze_patch_projection_, moco_v3_init_, use_sincos_pos_embed_
 
 # -- shared parts -----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ _LAZY = {
     "embed": "sslcli.api",
     "report": "sslcli.api",
     "load_embeddings": "sslcli.eval.embed",
-    "load_timm": "sslcli.exporter",
-    "load_heads": "sslcli.load",
+    "load_timm": "sslcli.runs.export",
+    "load_heads": "sslcli.runs.targets",
 }
 
 __all__ = [*_LAZY, "__version__"]

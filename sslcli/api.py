@@ -67,7 +67,7 @@ def resolve_config(
 
 
 def _check_resume_target(resume: Path) -> None:
-    from sslcli.engine.rundir import is_export_dir
+    from sslcli.runs.layout import is_export_dir
 
     if not resume.exists():
         raise ConfigError([f"--resume {resume}: no such run directory or checkpoint"])
@@ -101,7 +101,7 @@ def _resumed_run(resume: Path) -> tuple[dict[str, Any], Any]:
     if run_json is not None:
         return cfg.load_run_config(run_json), cfg.load_run_record(run_json)
     # A bare checkpoint file carries its resolved config in its metadata.
-    from sslcli.engine import checkpoint as ckpt
+    from sslcli.runs import checkpoint as ckpt
 
     meta = ckpt.read_meta(ckpt.resolve(resume))
     saved = meta.get("config")
@@ -133,7 +133,7 @@ def _run_config_path(resume: Path) -> Path | None:
     """The config.json of the run ``resume`` names: the directory's own (never a parent's:
     a run directory without one is not inside another run), or, for a checkpoint file, that
     of the run directory it lies in."""
-    from sslcli.engine.rundir import is_run_dir
+    from sslcli.runs.layout import is_run_dir
 
     if resume.is_dir():
         cands = [resume] if resume.name != "checkpoints" else [resume.parent]
@@ -251,7 +251,7 @@ def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
 
 def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
     """Write ``model.safetensors`` + a timm ``config.json`` for ``target`` into ``out``."""
-    from sslcli.exporter import export as _export
+    from sslcli.runs.export import export as _export
 
     return _export(target, out, **kw)
 
@@ -259,7 +259,7 @@ def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
 def compare(run_dirs: Any = (), *, report_path: str | Path | None = None, **kw: Any) -> Any:
     """Collect runs (or train ``methods=[...]``) into one comparison; with
     ``report_path``, also one HTML page of them side by side."""
-    from sslcli.comparison import compare as _compare
+    from sslcli.runs.compare import compare as _compare
 
     result = _compare(run_dirs, **kw)
     if report_path is not None and result.summaries:

@@ -13,11 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from sslcli.errors import SSLError
-
-
-class WriteError(SSLError):
-    """A file could not be written (a full disk, a quota, permissions)."""
+from sslcli.errors import WriteError
 
 
 def reason(e: BaseException) -> str:

@@ -27,12 +27,6 @@ from sslcli.data.views import (
     asymmetric_views,
     moco_v2_views,
 )
-from sslcli.engine.schedules import (
-    cosine_between,
-    cosine_increase,
-    linear_warmup_value,
-    warmup_cosine,
-)
 from sslcli.errors import ConfigError, MethodContractError, PluginError, SSLError
 from sslcli.method import (
     RESERVED_LOG_KEYS,
@@ -54,6 +48,12 @@ from sslcli.nn.losses import nt_xent
 from sslcli.nn.memory_bank import MemoryBank
 from sslcli.nn.queue import KeyQueue
 from sslcli.nn.regression import byol_loss, mean_cosine, negative_cosine, simsiam_loss
+from sslcli.nn.schedules import (
+    cosine_between,
+    cosine_increase,
+    linear_warmup_value,
+    warmup_cosine,
+)
 from sslcli.nn.sinkhorn import sinkhorn_knopp
 
 PLUGIN_API_VERSION = (1, 0)

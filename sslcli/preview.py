@@ -74,7 +74,7 @@ def view_rows(config: RunConfig, n: int = 8, seed: int = 0) -> list[ViewRow]:
     from sslcli.data.augment import ViewPipeline
     from sslcli.data.crops import CropDataset, CropPlan, collate_crops
     from sslcli.data.datasets import FileImageDataset, open_dataset
-    from sslcli.engine.runtime import epoch_order
+    from sslcli.runtime import epoch_order
 
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")

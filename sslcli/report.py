@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from sslcli import svgplot
-from sslcli.comparison import COLUMNS, RunSummary, _records, fmt_value, read_run
 from sslcli.config import flatten_dotted
-from sslcli.errors import DataError, SSLError
-from sslcli.load import TargetError, is_export_dir, latest_run, run_dir_of
+from sslcli.errors import DataError, ReportError, SSLError, TargetError
+from sslcli.runs.compare import COLUMNS, RunSummary, _records, fmt_value, read_run
+from sslcli.runs.targets import is_export_dir, latest_run, run_dir_of
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("settings", "Settings"),
@@ -63,10 +63,6 @@ CURVE_HELP = {
     "emb_std": "embedding std (a fall towards 0 is collapse)",
     "images_per_s": "images/s",
 }
-
-
-class ReportError(SSLError):
-    """Bad ``ssl report`` options or a target that is not a run."""
 
 
 def _quiet(msg: str) -> None:
@@ -410,8 +406,8 @@ def _encoder_sections(
     say: Callable[[str], None],
 ) -> tuple[str, str]:
     """(neighbours html, map html): the parts that need the trained encoder."""
-    from sslcli.engine.runtime import pick_device
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
+    from sslcli.runtime import pick_device
 
     try:
         t = load_target(run_dir)
@@ -453,9 +449,9 @@ def _neighbours_and_map(
     say: Callable[[str], None],
 ) -> tuple[str, str]:
     from sslcli.data.datasets import available_splits, open_dataset
-    from sslcli.engine.runtime import pick_dtype
     from sslcli.eval import cache as feature_cache
     from sslcli.eval.neighbors import nearest
+    from sslcli.runtime import pick_dtype
 
     dev = device
     load_size = t.load_size if spec == t.dataset else t.image_size

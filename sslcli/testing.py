@@ -161,7 +161,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 def check_resume_is_bit_exact(case: ContractCase, tmp_path: Path) -> None:
     """2 steps in one go == 1 step, checkpoint, resume, 1 step (weights, optimiser, log)."""
-    from sslcli.engine import checkpoint as ckpt
+    from sslcli.runs import checkpoint as ckpt
 
     sets = list(case.sets)
     full = api.train(case.method, overrides=case.overrides(tmp_path / "full"), sets=sets)
@@ -188,8 +188,8 @@ def check_export_loads_in_plain_timm(case: ContractCase, tmp_path: Path) -> None
     encoder's features; ``sslcli.load_timm`` of it computes ``method.embed``."""
     import timm
 
-    from sslcli.exporter import load_timm
-    from sslcli.load import load_target
+    from sslcli.runs.export import load_timm
+    from sslcli.runs.targets import load_target
 
     size = max(32, case.image_size)  # the ImageNet stem, so plain timm needs no help
     o = case.overrides(tmp_path / "run", max_steps=1)
@@ -304,7 +304,7 @@ def _dist_worker(rank: int, world: int, port: int, case: ContractCase, out: str)
 def check_two_processes_equal_one(case: ContractCase, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    from sslcli.engine import checkpoint as ckpt
+    from sslcli.runs import checkpoint as ckpt
 
     one = _dist_trainer(case, tmp_path / "one", case.batch_size * 2, sync_bn=False)
     init = {k: v.clone() for k, v in one.method.state_dict().items()}

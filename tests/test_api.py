@@ -18,7 +18,7 @@ def test_functions_are_not_shadowed_by_submodules() -> None:
     # Importing the implementation modules first (as the CLI does) must leave
     # sslcli.export / sslcli.compare the functions.
     code = (
-        "import sslcli.exporter, sslcli.comparison, sslcli.cli.app, sslcli\n"
+        "import sslcli.runs.export, sslcli.runs.compare, sslcli.cli.app, sslcli\n"
         "for n in ('train', 'evaluate', 'export', 'compare', 'load_timm'):\n"
         "    f = getattr(sslcli, n)\n"
         "    assert callable(f) and type(f).__name__ == 'function', (n, f)\n"

@@ -281,8 +281,8 @@ def test_ssl_backbones_lists_the_sk_resnets(
 def test_resume_refuses_a_backbone_an_older_version_built_otherwise(tmp_path: Path) -> None:
     """A MoCo v3 ViT-S checkpoint from before the 12 heads (nothing recorded: timm's 6)
     has the same parameter shapes; resuming it must not silently change the network."""
-    from sslcli.engine import checkpoint as ckpt
     from sslcli.errors import ConfigError
+    from sslcli.runs import checkpoint as ckpt
     from tests.test_eval import make_run
 
     sets = ["backbone.kwargs.depth=1", "method.mlp_dim=32"]

@@ -215,7 +215,8 @@ def test_export_reproduces_the_concatenated_representation(
     import timm
 
     import sslcli
-    from sslcli.load import TargetError, load_target
+    from sslcli.errors import TargetError
+    from sslcli.runs.targets import load_target
 
     run = tmp_path / "run"
     api.train(

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from sslcli import api
-from sslcli.comparison import read_run, render
 from sslcli.config import save_json
+from sslcli.runs.compare import read_run, render
 from tests.test_eval import cli
 
 
@@ -184,7 +184,7 @@ def test_compare_trains_methods_alike_and_reports_failures(
 def test_a_real_comparison_learns(tmp_path: Path) -> None:
     """A few epochs of SimCLR on digits with resnet18: the table's kNN beats the random
     initialisation, and the linear probe (run by compare) is far above chance."""
-    from sslcli.comparison import compare
+    from sslcli.runs.compare import compare
 
     t0 = time.perf_counter()
     res = compare(

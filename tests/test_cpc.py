@@ -196,7 +196,7 @@ def test_layer_norm_patch_encoder_exports_to_plain_timm() -> None:
 def test_export_reproduces_the_grid_pooled_representation(tmp_path: Path) -> None:
     import json
 
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     run = tmp_path / "run"
     api.train(

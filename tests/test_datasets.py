@@ -18,7 +18,6 @@ from PIL import Image
 
 from sslcli.data.datasets import (
     FileImageDataset,
-    TooManyBadImagesError,
     UnreadableImageWarning,
     available_splits,
     describe,
@@ -26,7 +25,7 @@ from sslcli.data.datasets import (
     open_dataset,
 )
 from sslcli.data.decode import to_square
-from sslcli.errors import DataError
+from sslcli.errors import DataError, TooManyBadImagesError
 
 # --------------------------------------------------------------------------------------------
 # helpers that write miniature datasets

@@ -29,9 +29,9 @@ from torch import nn
 from sslcli import api
 from sslcli.config import RunConfig
 from sslcli.data.views import ViewSpec
-from sslcli.engine import checkpoint as ckpt
 from sslcli.engine.trainer import Trainer
 from sslcli.nn import dist
+from sslcli.runs import checkpoint as ckpt
 from tests.test_train_formats import write_idx
 
 REPO = Path(__file__).resolve().parents[1]

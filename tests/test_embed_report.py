@@ -24,13 +24,13 @@ import torch
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.data.datasets import UnreadableImageWarning, open_dataset
-from sslcli.engine.runtime import pick_device
 from sslcli.eval import cache as feature_cache
 from sslcli.eval import embed as embed_mod
 from sslcli.eval.embed import Embeddings, embed, load_embeddings
 from sslcli.eval.neighbors import nearest
-from sslcli.load import load_target
 from sslcli.report import COMPARE_SECTIONS, SECTIONS, pick_queries, write_report
+from sslcli.runs.targets import load_target
+from sslcli.runtime import pick_device
 
 DIGITS_TRAIN, DIGITS_TEST = 1438, 359
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sslcli.config import OptimConfig
-from sslcli.engine import checkpoint as ckpt
 from sslcli.engine import schedules
-from sslcli.engine.optim import LARS, build_optimizer, default_param_groups, scaled_lr
 from sslcli.errors import CheckpointError
+from sslcli.optim import LARS, build_optimizer, default_param_groups, scaled_lr
+from sslcli.runs import checkpoint as ckpt
 
 
 def test_warmup_cosine() -> None:

@@ -18,13 +18,13 @@ from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.cli.app import main
 from sslcli.config import save_json
-from sslcli.engine import checkpoint as ckpt
-from sslcli.engine.runtime import eval_mode
 from sslcli.eval import linear as linear_mod
 from sslcli.eval.knn import knn_accuracies, knn_accuracy
 from sslcli.eval.linear import LinearHeads, linear_probe
 from sslcli.eval.online_probe import OnlineProbe
 from sslcli.eval.splits import holdout_split, label_subset
+from sslcli.runs import checkpoint as ckpt
+from sslcli.runtime import eval_mode
 
 DIGITS_TRAIN = 1438
 
@@ -475,7 +475,7 @@ def test_finetune_trains_a_copy_of_the_whole_encoder(
 ) -> None:
     from sslcli.data.datasets import open_dataset
     from sslcli.eval.finetune import build_net, train_net, train_view
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     t = load_target(run_dir)
     train = open_dataset("digits", "train", 16, labelled_only=True)
@@ -538,7 +538,7 @@ def test_simclr_v2_finetunes_from_a_head_layer(
     """SimCLR v2 fine-tunes from the middle of its 3-layer head by default (Sec. 2.1);
     ``--head-layer`` picks another layer; other methods refuse the flag in one line."""
     from sslcli.eval.finetune import build_net
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     v2 = make_run(tmp_path / "v2", method="simclr-v2", sets=["method.proj_hidden_dim=24"])
     t = load_target(v2)

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sslcli.cli.app import main
-from sslcli.exporter import load_timm
-from sslcli.load import load_target
+from sslcli.runs.export import load_timm
+from sslcli.runs.targets import load_target
 from tests.test_eval import cli, make_run
 
 PLAIN_TIMM = textwrap.dedent(

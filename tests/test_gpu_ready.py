@@ -28,12 +28,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcli import api
-from sslcli.engine import checkpoint as ckpt
-from sslcli.engine.optim import LARS
-from sslcli.engine.runtime import configure_backends
 from sslcli.engine.sync_guard import HostSyncGuard
 from sslcli.engine.trainer import Trainer, window_means
 from sslcli.nn import dist
+from sslcli.optim import LARS
+from sslcli.runs import checkpoint as ckpt
+from sslcli.runtime import configure_backends
 from sslcli.testing import make_trainer
 from tests.test_contract import METHODS, case
 from tests.test_distributed import _env, _spawn

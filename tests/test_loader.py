@@ -14,12 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from sslcli.data.datasets import (
-    FileImageDataset,
-    TooManyBadImagesError,
-    UnreadableImageWarning,
-    open_dataset,
-)
+from sslcli.data.datasets import FileImageDataset, UnreadableImageWarning, open_dataset
 from sslcli.data.gpu_decode import (
     JpegBytesDataset,
     JpegDecoder,
@@ -30,7 +25,7 @@ from sslcli.data.gpu_decode import (
     use_gpu_decode,
 )
 from sslcli.data.loader import CachedDataset, DevicePrefetcher, maybe_cache
-from sslcli.errors import DataError
+from sslcli.errors import DataError, TooManyBadImagesError
 
 CPU = torch.device("cpu")
 # Pass-through, foreground look-ahead (the CUDA default), deeper, and a helper thread.

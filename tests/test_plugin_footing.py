@@ -253,7 +253,7 @@ def test_heads_rebuild_from_an_export_and_give_the_same_outputs(
     from safetensors import safe_open
 
     import sslcli
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
     from tests.test_eval import make_run
 
     run = make_run(tmp_path / "run", "byol", "test_resnet", 16)
@@ -287,7 +287,7 @@ def test_heads_from_another_architecture_are_refused(
     from safetensors.torch import load_file, save_file
 
     import sslcli
-    from sslcli.load import TargetError
+    from sslcli.errors import TargetError
     from tests.test_eval import make_run
 
     run = make_run(tmp_path / "run", "simclr", "test_resnet", 16)

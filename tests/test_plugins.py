@@ -249,7 +249,7 @@ def test_recipe_typo_and_invalid_defaults_are_the_plugins(plugin_path: Path) -> 
 def test_runs_record_the_plugin_and_eval_names_the_missing_package(
     plugin_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from sslcli.engine import checkpoint as ckpt
+    from sslcli.runs import checkpoint as ckpt
 
     write_plugin_dist(
         plugin_path, "sslcli-tiny", {"tiny": "fake_tiny:Tiny"},

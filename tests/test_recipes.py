@@ -43,7 +43,7 @@ import sslcli
 from sslcli import api
 from sslcli.backbones import resolve_name
 from sslcli.cli.app import main
-from sslcli.load import load_target
+from sslcli.runs.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"

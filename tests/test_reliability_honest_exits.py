@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from sslcli.cli.app import main
-from sslcli.engine import checkpoint as ckpt
 from sslcli.engine.trainer import Trainer
+from sslcli.runs import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,9 @@ def test_ctrl_c_in_eval_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: Any) 
 def test_ctrl_c_in_export_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
 ) -> None:
-    import sslcli.exporter
+    import sslcli.runs.export
 
-    monkeypatch.setattr(sslcli.exporter, "export", _raise_ctrl_c)
+    monkeypatch.setattr(sslcli.runs.export, "export", _raise_ctrl_c)
     assert main(["export", "somewhere", "--out", str(tmp_path / "e")]) == 130
     assert "interrupted" in capsys.readouterr().err
 

@@ -24,8 +24,8 @@ from conftest import TINY
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.config import deep_merge
-from sslcli.engine import checkpoint as ckpt
 from sslcli.errors import CheckpointError, ConfigError, SSLError
+from sslcli.runs import checkpoint as ckpt
 
 
 def _train(out: Path, method: str = "simclr", **kw: Any) -> Any:
@@ -96,7 +96,7 @@ def test_training_another_method_into_a_run_is_refused(run_copy: Path) -> None:
 
 
 def test_a_run_directory_in_use_is_locked(run_copy: Path) -> None:
-    from sslcli.engine import rundir
+    from sslcli.runs import layout as rundir
 
     lock = rundir.claim(run_copy, "simclr", resume=True, force=False)
     try:

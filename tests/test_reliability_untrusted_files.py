@@ -48,7 +48,7 @@ def _checkpoint_meta(**backbone: Any) -> dict[str, Any]:
 
 
 def test_checkpoint_backbone_name_is_resolved_not_trusted(timm_calls: Any) -> None:
-    from sslcli.load import rebuild_method
+    from sslcli.runs.targets import rebuild_method
 
     with pytest.raises(SSLError, match="hf-hub:attacker/x"):
         rebuild_method(_checkpoint_meta(timm_name="hf-hub:attacker/x"), {})
@@ -56,7 +56,7 @@ def test_checkpoint_backbone_name_is_resolved_not_trusted(timm_calls: Any) -> No
 
 
 def test_checkpoint_backbone_kwargs_are_allow_listed(tmp_path: Path, timm_calls: Any) -> None:
-    from sslcli.load import rebuild_method
+    from sslcli.runs.targets import rebuild_method
 
     evil = tmp_path / "evil.pth"
     evil.write_bytes(b"\x80\x04not really a pickle")
@@ -106,7 +106,7 @@ def _export(d: Path, **changes: Any) -> Path:
 
 
 def test_export_architecture_is_resolved(tmp_path: Path, timm_calls: Any) -> None:
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     exp = _export(tmp_path / "exp", architecture="hf-hub:attacker/x")
     timm_calls.clear()
@@ -117,7 +117,7 @@ def test_export_architecture_is_resolved(tmp_path: Path, timm_calls: Any) -> Non
 
 def test_export_model_args_are_allow_listed(tmp_path: Path, timm_calls: Any) -> None:
     from sslcli import load_timm
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     exp = _export(tmp_path / "exp", model_args={"checkpoint_path": str(tmp_path / "x.pth")})
     timm_calls.clear()
@@ -134,7 +134,7 @@ def test_export_companion_file_stays_inside(
 ) -> None:
     import safetensors.torch
 
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     opened: list[str] = []
     real = safetensors.torch.load_file

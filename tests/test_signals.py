@@ -25,9 +25,10 @@ from sslcli_plugins.simclr import SimCLR, SimCLRConfig
 
 from sslcli import api
 from sslcli.cli.app import main
-from sslcli.engine import checkpoint as ckpt
-from sslcli.engine.trainer import NonFiniteLoss, Trainer
+from sslcli.engine.trainer import Trainer
+from sslcli.errors import NonFiniteLoss
 from sslcli.method import Batch, StepInfo, StepOutput
+from sslcli.runs import checkpoint as ckpt
 from tests.conftest import write_plugin_dist
 from tests.test_train_formats import write_idx
 

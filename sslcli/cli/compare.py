@@ -1,4 +1,4 @@
-"""``ssl compare [RUN_DIR...]`` / ``ssl compare --methods a,b,c``: call :mod:`sslcli.comparison`."""
+"""``ssl compare [RUN_DIR...]`` / ``ssl compare --methods a,b,c``: parse flags, call the API."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def compare(
 ) -> None:
     """Compare runs in one table (and a plot); or train several methods alike and compare."""
     from sslcli import api
-    from sslcli import comparison as cmp
     from sslcli.errors import SSLError
+    from sslcli.runs import compare as cmp
 
     if fmt not in cmp.FORMATS:
         raise SSLError(f"--format {fmt!r}: use one of {', '.join(cmp.FORMATS)}")

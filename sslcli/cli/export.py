@@ -1,4 +1,4 @@
-"""``ssl export [TARGET] --out DIR``: parse flags, call :func:`sslcli.exporter.export`."""
+"""``ssl export [TARGET] --out DIR``: parse flags, call :func:`sslcli.runs.export.export`."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write an encoder as model.safetensors + timm config.json (loads in plain timm)."""
-    from sslcli.exporter import export as do_export
-    from sslcli.load import latest_run, load_target
+    from sslcli.runs.export import export as do_export
+    from sslcli.runs.targets import latest_run, load_target
 
     if target is None:
         target = str(latest_run())

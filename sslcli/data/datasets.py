@@ -70,7 +70,7 @@ from sslcli.data.decode import (
     probe_image,
     to_square,
 )
-from sslcli.errors import DataError
+from sslcli.errors import DataError, TooManyBadImagesError
 
 T = TypeVar("T")
 Split = Literal["train", "test"]
@@ -93,20 +93,6 @@ DIGITS_TEST_FRACTION = 0.2
 
 class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded and is being skipped."""
-
-
-class TooManyBadImagesError(DataError):
-    """More than ``max_bad_fraction`` of a folder's images are unreadable."""
-
-    def __init__(self, message: str) -> None:
-        # DataLoader re-raises a worker's exception as ``type(exc)(text)`` where text is
-        # "Caught ... in DataLoader worker ...\nOriginal Traceback ..." and ends with
-        # "module.TooManyBadImagesError: <our message>". Keep only our one line so the CLI
-        # still prints a one-line error, however the data was loaded.
-        if "\nOriginal Traceback" in message:
-            last = [line for line in message.splitlines() if line.strip()][-1]
-            message = last.partition(": ")[2] or last
-        super().__init__(message)
 
 
 # --------------------------------------------------------------------------------------------

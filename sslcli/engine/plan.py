@@ -362,8 +362,8 @@ def estimate_memory(tr: Trainer) -> dict[str, Any]:
 def _saved_bytes(tr: Trainer, batch: int, sizes: list[int]) -> int:
     """Bytes autograd keeps for backward in one ``training_step`` of ``batch`` images with
     the views at ``sizes`` (parameters and buffers excluded; each storage counted once)."""
-    from sslcli.engine.runtime import autocast
     from sslcli.method import Batch, StepInfo
+    from sslcli.runtime import autocast
 
     method, dev = tr.method, tr.device
     own = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}

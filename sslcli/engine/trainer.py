@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from sslcli import registry
+from sslcli import contract, registry
 from sslcli.backbones import feature_dim, make_spec
 from sslcli.config import RunConfig, flatten_dotted, save_json
 from sslcli.data.augment import ViewPipeline
@@ -50,27 +50,15 @@ from sslcli.data.crops import CropDataset, CropPlan, Crops, collate_crops
 from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
 from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
-from sslcli.engine import checkpoint as ckpt
-from sslcli.engine import contract, rundir, schedules
 from sslcli.engine.dryrun import DryRun
 from sslcli.engine.knn_monitor import knn_monitor
-from sslcli.engine.optim import (
-    build_optimizer,
-    match_param_layout,
-    scaled_lr,
+from sslcli.errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    MethodContractError,
+    NonFiniteLoss,
 )
-from sslcli.engine.runtime import (
-    autocast,
-    configure_backends,
-    epoch_order,
-    eval_mode,
-    pick_device,
-    pick_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from sslcli.errors import CheckpointError, ConfigError, MethodContractError, SSLError
 from sslcli.eval.features import eval_transform
 from sslcli.eval.online_probe import OnlineProbe
 from sslcli.method import (
@@ -82,7 +70,25 @@ from sslcli.method import (
     StepOutput,
     resume_safe_options,
 )
-from sslcli.nn import dist
+from sslcli.nn import dist, schedules
+from sslcli.optim import (
+    build_optimizer,
+    match_param_layout,
+    scaled_lr,
+)
+from sslcli.runs import checkpoint as ckpt
+from sslcli.runs import layout as rundir
+from sslcli.runtime import (
+    autocast,
+    configure_backends,
+    epoch_order,
+    eval_mode,
+    pick_device,
+    pick_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 # Fields whose change makes a checkpoint's tensors meaningless for the new run. The data
 # path may change (a dataset copied to a node's local disk); its format and size may not
@@ -91,19 +97,6 @@ ARCH_FIELDS = ("backbone", "method", "data.image_size")
 # Fields that fix how steps map onto epochs and samples; a resume must keep them.
 POSITION_FIELDS = ("trainer.batch_size",)
 CHECKPOINT_FORMAT = 2
-
-
-class Interrupted(SSLError):
-    """SIGINT/SIGTERM/SIGUSR1: the run stopped after a checkpoint; ``exit_code`` is 130,
-    143 or 138 (128 + the signal number)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class NonFiniteLoss(SSLError):
-    """The loss became NaN/inf more often than ``--skip-nonfinite`` allows."""
 
 
 @dataclass
@@ -1121,7 +1114,8 @@ class Trainer:
     def _write_failed(self, e: OSError) -> None:
         """A log line could not be written (a full disk): checkpoint if possible, then stop
         in one line."""
-        from sslcli.fsutil import WriteError, reason
+        from sslcli.errors import WriteError
+        from sslcli.fsutil import reason
 
         # (Alone only: under torchrun a checkpoint is a collective the others are not in.)
         if self._last_saved_step != self.step and dist.world_size() == 1:

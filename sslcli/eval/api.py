@@ -1,7 +1,7 @@
 """``evaluate``: kNN, linear probe or fine-tuning of a run, checkpoint or exported model.
 
 One function behind ``ssl eval knn|linear|finetune`` and ``ssl compare``: it rebuilds the
-target (:mod:`sslcli.load`), opens the labelled train/test splits (the run's own dataset
+target (:mod:`sslcli.runs.targets`), opens the labelled train/test splits (the run's own dataset
 unless ``data`` names another), applies a label fraction, runs the protocol and appends the
 result to the run's ``metrics.jsonl`` as ``{"event": "eval", ...}``.
 """
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sslcli.data.augment import ViewPipeline
 from sslcli.data.datasets import ImageDataset, available_splits, open_dataset
-from sslcli.engine.runtime import autocast, eval_mode, pick_device, pick_dtype
+from sslcli.errors import EvalError
 from sslcli.eval import cache as feature_cache
 from sslcli.eval.finetune import DEFAULT_LR as DEFAULT_FT_LR
 from sslcli.eval.finetune import (
@@ -36,12 +36,12 @@ from sslcli.eval.linear import (
     DEFAULT_EPOCHS,
     DEFAULT_LRS,
     Batches,
-    EvalError,
     linear_probe,
     linear_probe_augmented,
 )
 from sslcli.eval.splits import RowSubset, label_subset
-from sslcli.load import Target, load_target
+from sslcli.runs.targets import Target, load_target
+from sslcli.runtime import autocast, eval_mode, pick_device, pick_dtype
 
 Protocol = Literal["knn", "linear", "finetune"]
 PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune")

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from sslcli.data.datasets import ImageDataset
-from sslcli.engine.runtime import autocast, eval_mode
 from sslcli.eval.features import extract
-from sslcli.load import Target
+from sslcli.runs.targets import Target
+from sslcli.runtime import autocast, eval_mode
 
 CACHE_SUBDIR = "eval-cache"
 FORMAT = 1

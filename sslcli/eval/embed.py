@@ -1,6 +1,6 @@
 """``ssl embed``: the embedding of every image of a dataset, streamed to a file.
 
-The encoder and transform are exactly those of ``ssl eval`` (:mod:`sslcli.load`'s target,
+The encoder and transform are exactly those of ``ssl eval`` (:mod:`sslcli.runs.targets`'s target,
 ``method.embed`` unless ``which`` names an encoder, the run's un-augmented eval transform
 and autocast set-up), so a row equals the feature ``ssl eval`` computes for that image.
 
@@ -47,21 +47,17 @@ import torch
 import torch.nn.functional as F
 
 from sslcli.data.datasets import SPLITS, FileImageDataset, ImageDataset, open_dataset
-from sslcli.engine.runtime import autocast, eval_mode, pick_device, pick_dtype
-from sslcli.errors import DataError, SSLError
+from sslcli.errors import DataError, EmbedError
 from sslcli.eval.features import iter_features
 from sslcli.eval.neighbors import nearest
-from sslcli.load import Target, load_target
+from sslcli.runs.targets import Target, load_target
+from sslcli.runtime import autocast, eval_mode, pick_device, pick_dtype
 
 FORMATS: dict[str, str] = {".safetensors": "safetensors", ".npz": "npz", ".parquet": "parquet"}
 DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 FORMAT_VERSION = 1
 CHUNK_BYTES = 16 << 20
 """Bytes of rows read from the memory maps per write (bounded memory whatever N is)."""
-
-
-class EmbedError(SSLError):
-    """Bad ``ssl embed`` options or an unreadable embeddings file."""
 
 
 @dataclass

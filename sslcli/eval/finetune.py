@@ -29,11 +29,12 @@ from torch import Tensor, nn
 from sslcli.data.augment import ViewPipeline
 from sslcli.data.datasets import ImageDataset
 from sslcli.data.views import ViewSpec
-from sslcli.engine.runtime import autocast, eval_mode
+from sslcli.errors import EvalError
 from sslcli.eval.features import extract, iter_batches
-from sslcli.eval.linear import REFERENCE_BATCH, EvalError, cosine_factor
+from sslcli.eval.linear import REFERENCE_BATCH, cosine_factor
 from sslcli.eval.splits import RowSubset, holdout_split
-from sslcli.load import Target
+from sslcli.runs.targets import Target
+from sslcli.runtime import autocast, eval_mode
 
 DEFAULT_LR = 0.05
 DEFAULT_BATCH = 256

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslcli.errors import SSLError
+from sslcli.errors import EvalError
 from sslcli.eval.splits import holdout_split
 
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -51,10 +51,6 @@ REFERENCE_BATCH = 256
 
 Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]
 """``batches(epoch)`` yields ``(features [B, D], labels [B])`` for one epoch."""
-
-
-class EvalError(SSLError):
-    """An evaluation cannot run as asked (too few labels, no test split, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------

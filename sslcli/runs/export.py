@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslcli.load import EXPORT_CONFIG, EXPORT_WEIGHTS, Target, TargetError, strip_prefixes
+from sslcli.runs.targets import EXPORT_CONFIG, EXPORT_WEIGHTS, Target, strip_prefixes
+from sslcli.errors import TargetError
 
 HEADS_WEIGHTS = "heads.safetensors"
 # timm constructor arguments that only matter while training; an exported encoder is
@@ -322,7 +323,8 @@ def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, s
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from sslcli.fsutil import WriteError, reason
+    from sslcli.fsutil import reason
+    from sslcli.errors import WriteError
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -347,7 +349,7 @@ def export(
     with_heads: bool = False,
 ) -> ExportResult:
     """Write ``target``'s encoder (``which``, default: the evaluated one) to ``out``."""
-    from sslcli.load import load_target
+    from sslcli.runs.targets import load_target
 
     t = load_target(target)
     if t.kind == "export":
@@ -356,8 +358,9 @@ def export(
     which = which or t.default_which
     encoder = t.candidates[which]
     out = Path(out)
-    from sslcli.engine.rundir import check_export_out
-    from sslcli.fsutil import WriteError, atomic_write_text, reason
+    from sslcli.runs.layout import check_export_out
+    from sslcli.fsutil import atomic_write_text, reason
+    from sslcli.errors import WriteError
 
     check_export_out(out)  # never into a run directory (its config.json is the run's)
     try:

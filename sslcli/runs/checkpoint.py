@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sslcli.errors import CheckpointError
+from sslcli.errors import CorruptCheckpoint, NonFiniteCheckpoint, CheckpointError
 
 LAST = "last.safetensors"
 CHECKSUM_KEY = "sslcli_sha256"
@@ -73,10 +73,6 @@ def _independent(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         seen.add(key)
         out[k] = v
     return out
-
-
-class NonFiniteCheckpoint(CheckpointError):
-    """The weights to be saved hold NaN/inf: nothing is written."""
 
 
 def checksum(flat: dict[str, Tensor], meta_json: str) -> str:
@@ -254,10 +250,6 @@ def load(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         g, _, name = k.partition("/")
         groups.setdefault(g, {})[name] = v
     return groups, meta
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint whose bytes no longer match its checksum."""
 
 
 def candidates(directory: Path) -> list[Path]:

@@ -28,15 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from sslcli.data.views import IMAGENET_MEAN, IMAGENET_STD
-from sslcli.errors import CheckpointError, SSLError
+from sslcli.errors import TargetError, CheckpointError, SSLError
 
 RUNS_DIR = Path("runs")
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
-
-
-class TargetError(SSLError):
-    """A run directory, checkpoint or exported directory is missing or unusable."""
 
 
 TargetKind = Literal["run", "checkpoint", "export"]
@@ -210,7 +206,7 @@ def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_checkpoint_target(path: Path) -> Target:
-    from sslcli.engine import checkpoint as ckpt
+    from sslcli.runs import checkpoint as ckpt
 
     if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         raise TargetError(f"run {path} has no checkpoint yet (no checkpoints/ directory)")
@@ -300,7 +296,7 @@ def build_from_meta(meta: dict[str, Any], *, source: Path | str = "checkpoint") 
     # or default cannot silently rebuild a different network; validated as user input is
     # (the metadata is a file's word: no hub names, no file-opening arguments).
     spec: BackboneSpec = spec_from_meta(bmeta, str(source))
-    from sslcli.engine.contract import build_method
+    from sslcli.contract import build_method
 
     # A plugin whose __init__ fails is named in one line, as in training.
     method = build_method(method_cls, mcfg, spec.build(), int(meta.get("dataset_size") or 0))
@@ -391,7 +387,7 @@ def check_export_config(cfg: Any, path: Path) -> dict[str, Any]:
 def load_export(path: Path) -> Target:
     from safetensors import SafetensorError
 
-    from sslcli.exporter import load_timm
+    from sslcli.runs.export import load_timm
 
     try:
         cfg = json.loads((path / EXPORT_CONFIG).read_text())
@@ -466,7 +462,7 @@ def load_heads(directory: str | Path) -> Any:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from sslcli.exporter import EXPORT_WEIGHTS, HEADS_WEIGHTS, head_state, heads_structure
+    from sslcli.runs.export import EXPORT_WEIGHTS, HEADS_WEIGHTS, head_state, heads_structure
 
     d = Path(directory)
     file = d / HEADS_WEIGHTS

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from sslcli.backbones import Backbone
 from sslcli.config import OptimConfig, RunConfig, format_validation_error
 from sslcli.data.views import ViewSpec
-from sslcli.engine.optim import default_param_groups, is_norm_or_bias
 from sslcli.errors import MethodContractError, SSLError
 from sslcli.method import (
     RESERVED_LOG_KEYS,
@@ -30,6 +29,7 @@ from sslcli.method import (
     StepOutput,
     dependent_options,
 )
+from sslcli.optim import default_param_groups, is_norm_or_bias
 from sslcli.registry import PluginInfo, info_of
 
 

@@ -23,17 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sslcli.errors import SSLError
+from sslcli.errors import RunDirError, SSLError
 
 MARKER = ".sslcli-run"
 LOCK = ".sslcli-lock"
 # What a run writes: removed by --force before a new run takes the directory over.
 RUN_FILES = ("metrics.jsonl", "config.json", MARKER)
 RUN_DIRS = ("checkpoints", "tensorboard", "eval-cache")
-
-
-class RunDirError(SSLError):
-    """A run directory that may not be written to (another run's, an export, in use)."""
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from sslcli.errors import SSLError
-from sslcli.load import RUNS_DIR, TargetError
+from sslcli.runs.targets import RUNS_DIR
+from sslcli.errors import TargetError
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -117,7 +118,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
         raise TargetError(f"run directory not found: {d}")
     if not cfg_path.is_file():
         raise TargetError(f"{d} is not a run directory (no config.json)")
-    from sslcli.engine.rundir import is_export_dir
+    from sslcli.runs.layout import is_export_dir
 
     if is_export_dir(d):
         raise TargetError(
@@ -231,7 +232,7 @@ def _apply_evals(s: RunSummary) -> None:
 def find_runs(root: Path = RUNS_DIR) -> list[Path]:
     if not root.is_dir():
         return []
-    from sslcli.engine.rundir import is_export_dir
+    from sslcli.runs.layout import is_export_dir
 
     return sorted(
         p for p in root.iterdir() if (p / "config.json").is_file() and not is_export_dir(p)
@@ -381,7 +382,7 @@ def train_methods(
     """Train ``methods`` with one shared data/budget/seed; kNN (by the trainer) and, with
     ``linear``, a linear probe for each. Returns (run dirs, failures)."""
     from sslcli import api
-    from sslcli.engine.trainer import Interrupted
+    from sslcli.errors import Interrupted
     from sslcli.eval.api import evaluate
 
     root = Path(out) if out else RUNS_DIR / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
