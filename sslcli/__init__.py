@@ -32,7 +32,7 @@ _LAZY = {
     "report": "sslcli.api",
     "load_embeddings": "sslcli.eval.embed",
     "load_timm": "sslcli.runs.export",
-    "load_heads": "sslcli.runs.targets",
+    "load_heads": "sslcli.runs.heads",
 }
 
 __all__ = [*_LAZY, "__version__"]

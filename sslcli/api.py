@@ -1,149 +1,103 @@
-"""The public Python API; the CLI commands are thin wrappers around these functions."""
+"""The public Python API, and the only module the ``ssl`` commands import: each command
+parses its flags, calls one function here and prints what it returns.
+
+Heavy modules (the engine, evaluation, reports) are imported on first use so that
+``ssl --help`` and ``import sslcli.api`` stay quick.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sslcli import config as cfg
-from sslcli import registry
-from sslcli.errors import ConfigError, PluginError
-from sslcli.method import Method
+# Errors are part of the API: the commands' one error boundary (cli/app.py) catches them.
+from sslcli.errors import ConfigError, Interrupted, SSLError, TargetError
 
 if TYPE_CHECKING:
     from sslcli.engine.trainer import TrainResult
+    from sslcli.method import Method
+    from sslcli.registry import MethodStatus
+    from sslcli.runs.compare import CompareResult, RunSummary
+    from sslcli.runs.export import ExportResult
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods, backbones, settings
+# ---------------------------------------------------------------------------------------------
 
 
 def load_method(name: str) -> type[Method]:
     """The validated method class registered as ``name``."""
+    from sslcli import registry
+
     return registry.load(name)
 
 
-def list_methods() -> list[registry.MethodStatus]:
+def list_methods() -> list[MethodStatus]:
+    """Every registered method, with its package, version, and why it is broken if it is."""
+    from sslcli import registry
+
     return registry.list_methods()
 
 
-def resolve_config(
-    method: str | None = None,
-    *,
-    config: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    sets: list[str] | None = None,
-    resume: str | Path | None = None,
-) -> tuple[type[Method], cfg.RunConfig, Any]:
-    """Method class, run config and method config from all layers, in precedence order.
+def method_options(cls: type[Method]) -> list[dict[str, Any]]:
+    """``ssl methods NAME``: each option's key, default, description, whether its default
+    depends on the run (``depends_on``) and whether it may change on resume."""
+    from sslcli.method import dependent_options, resume_safe_options
 
-    With ``resume``, the run's saved config is the lowest user layer, so
-    ``ssl train --resume RUN`` needs nothing else.
-    """
-    record: Any = None
-    if resume is not None:
-        _check_resume_target(Path(resume))
-        record = _resumed_run(Path(resume))[1]
-    layers = [layer for _, layer in _user_layers(config, overrides, sets, resume)]
-    if resume is not None:
-        trained = cfg.method_name_of(layers[0])
-        if method and trained and method != trained:
-            # Said first: otherwise the other method's options would be reported one by one.
-            raise ConfigError(
-                [f"cannot resume {resume} as {method}: this run was trained with {trained} "
-                 f"(ssl train {trained} --resume {resume}, or start a new run)"]
-            )  # fmt: skip
-    name = method
-    for layer in layers:
-        name = cfg.method_name_of(layer) or name
-    if method:
-        name = method
-    if not name:
-        raise PluginError("no method given: 'ssl train METHOD' ('ssl methods' lists them)")
-    if method or record is None or name != cfg.method_name_of(layers[0]):
-        method_cls = registry.load(name)
-    else:
-        # Resuming: the package that trained the run, even where another registers the
-        # same name; if it is gone, the error says which package the run needs.
-        method_cls = registry.load_for_run(name, record, source=f"{resume}")
-    run, mcfg = cfg.resolve(method_cls, layers)
-    return method_cls, run, mcfg
+    depends = dependent_options(cls.Config)
+    safe = resume_safe_options(cls.Config)
+    return [
+        {"key": key, "default": field.get_default(call_default_factory=True),
+         "description": field.description or "", "depends_on": depends.get(key),
+         "resume_safe": key in safe}
+        for key, field in cls.Config.model_fields.items()
+    ]  # fmt: skip
 
 
-def _check_resume_target(resume: Path) -> None:
-    from sslcli.runs.layout import is_export_dir
+def recipe_files(cls: type[Method]) -> list[str]:
+    """Recipe files shipped in the method's package (``--config METHOD:NAME``)."""
+    from sslcli import registry
 
-    if not resume.exists():
-        raise ConfigError([f"--resume {resume}: no such run directory or checkpoint"])
-    d = resume if resume.is_dir() else resume.parent
-    if is_export_dir(d):
-        raise ConfigError(
-            [f"--resume {resume}: this is an exported model (ssl export), not a run; "
-             "resume needs a run directory or a checkpoint file"]
-        )  # fmt: skip
+    return registry.recipe_files(cls)
+
+
+def describe_backbones() -> list[dict[str, Any]]:
+    """``ssl backbones``: each alias with its timm model, parameters and feature width."""
+    from sslcli.backbones import describe_all
+
+    return describe_all()
+
+
+def resolve_config(method: str | None = None, **layers: Any) -> tuple[type[Method], Any, Any]:
+    """Method class, run config and method config from all layers (``config``,
+    ``overrides``, ``sets``, ``resume``): :func:`sslcli.settings.resolve_config`."""
+    from sslcli import settings
+
+    return settings.resolve_config(method, **layers)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file (YAML, TOML or JSON) as a nested dict; errors are one line.
+    """A recipe file (or ``METHOD:RECIPE``) as a nested dict
+    (:func:`sslcli.settings.read_recipe`)."""
+    from sslcli import settings
 
-    ``METHOD:RECIPE`` (not an existing path) names a recipe file shipped inside the
-    method's package (:func:`sslcli.registry.recipe_files`); the layer then names the
-    method too, unless the file does."""
-    shipped = registry.recipe_reference(str(path))
-    if shipped is None:
-        return cfg.read_recipe(path)
-    layer = cfg.read_recipe(shipped[1])
-    if cfg.method_name_of(layer) is None:
-        given = layer.get("method")
-        layer["method"] = {**(given if isinstance(given, dict) else {}), "name": shipped[0]}
-    return layer
+    return settings.read_recipe(path)
 
 
-def _resumed_run(resume: Path) -> tuple[dict[str, Any], Any]:
-    """The resolved config a run directory or checkpoint holds, and its plugin record."""
-    run_json = _run_config_path(resume)
-    if run_json is not None:
-        return cfg.load_run_config(run_json), cfg.load_run_record(run_json)
-    # A bare checkpoint file carries its resolved config in its metadata.
-    from sslcli.runs import checkpoint as ckpt
+def latest_run() -> Path:
+    """The run under ./runs with the most recent checkpoint."""
+    from sslcli.runs.layout import latest_run as latest
 
-    meta = ckpt.read_meta(ckpt.resolve(resume))
-    saved = meta.get("config")
-    if not isinstance(saved, dict):
-        raise ConfigError([f"cannot resume {resume}: its checkpoint holds no run config"])
-    return saved, meta.get("plugin")
+    return latest()
 
 
-def _user_layers(
-    config: str | Path | None,
-    overrides: dict[str, Any] | None,
-    sets: list[str] | None,
-    resume: str | Path | None,
-) -> list[tuple[str, dict[str, Any]]]:
-    """The user's config layers, lowest precedence first, each with where it came from."""
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if resume is not None:
-        layers.append(("resumed run", _resumed_run(Path(resume))[0]))
-    if config is not None:
-        layers.append((f"file {Path(config).name}", read_recipe(config)))
-    if overrides:
-        layers.append(("flag", overrides))
-    if sets:
-        layers.append(("--set", cfg.parse_set(sets)))
-    return layers
-
-
-def _run_config_path(resume: Path) -> Path | None:
-    """The config.json of the run ``resume`` names: the directory's own (never a parent's:
-    a run directory without one is not inside another run), or, for a checkpoint file, that
-    of the run directory it lies in."""
-    from sslcli.runs.layout import is_run_dir
-
-    if resume.is_dir():
-        cands = [resume] if resume.name != "checkpoints" else [resume.parent]
-    else:
-        up = resume.parent
-        cands = [up.parent] if up.name == "checkpoints" else [up]
-    for d in cands:
-        if (d / "config.json").is_file() and is_run_dir(d):
-            return d / "config.json"
-    return None
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
 
 
 def train(
@@ -161,23 +115,15 @@ def train(
     Example: ``train("simclr", overrides={"trainer": {"epochs": 1}})``. ``force`` lets a
     new run take over a directory that holds another run (whose files are removed first).
     """
-    method_cls, run, mcfg = resolve_config(
-        method, config=config, overrides=overrides, sets=sets, resume=resume
-    )
+    from sslcli import settings
     from sslcli.engine.trainer import Trainer
 
-    resume_path = _resume_path(run, resume)
+    method_cls, run, mcfg = settings.resolve_config(
+        method, config=config, overrides=overrides, sets=sets, resume=resume
+    )
+    resume_path = settings.resume_path(run, resume)
     trainer = Trainer(run, method_cls, mcfg, resume=resume_path, console=console, force=force)
     return trainer.fit()
-
-
-def _resume_path(run: cfg.RunConfig, resume: str | Path | None) -> Path | None:
-    if resume is None:
-        return None
-    resume_path = Path(resume)
-    if run.trainer.out is None:
-        run.trainer.out = str(resume_path if resume_path.is_dir() else resume_path.parent.parent)
-    return resume_path
 
 
 def plan(
@@ -203,12 +149,13 @@ def plan(
     """
     import os
 
+    from sslcli import settings
     from sslcli.data.datasets import open_dataset
     from sslcli.engine import plan as dry
     from sslcli.engine.trainer import Trainer
 
-    named = _user_layers(config, overrides, sets, resume)
-    method_cls, run, mcfg = resolve_config(
+    named = settings.user_layers(config, overrides, sets, resume)
+    method_cls, run, mcfg = settings.resolve_config(
         method, config=config, overrides=overrides, sets=sets, resume=resume
     )
     recipe = method_cls.recipe_for(run.backbone.name).model_dump()
@@ -233,7 +180,7 @@ def plan(
             )
     elif images is not None:
         note = f"planned for {images:,} images (--images); the data was not opened"
-    resume_path = _resume_path(run, resume)
+    resume_path = settings.resume_path(run, resume)
     with dry.record_create_model() as calls:
         trainer = Trainer(
             run, method_cls, mcfg, resume=resume_path, console=console,
@@ -249,24 +196,130 @@ def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
     return _evaluate(protocol, target, **kw)
 
 
-def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
-    """Write ``model.safetensors`` + a timm ``config.json`` for ``target`` into ``out``."""
-    from sslcli.runs.export import export as _export
+def export(
+    target: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    which: str | None = None,
+    with_heads: bool = False,
+    say: Callable[[str], None] = lambda m: None,
+) -> ExportResult:
+    """Write ``model.safetensors`` + a timm ``config.json`` for ``target`` (default: the most
+    recent run under ./runs) into ``out`` (default: the run's ``export[-WHICH]``, or
+    ``<checkpoint>-export`` beside a checkpoint outside a run); ``say`` hears which target
+    and directory were chosen, and the export's notes."""
+    from sslcli.runs.export import default_export_dir, write_export
+    from sslcli.runs.targets import load_target
 
-    return _export(target, out, **kw)
+    if target is None:
+        target = latest_run()
+        say(f"target: {target} (the most recent run under ./runs)")
+    t = load_target(target)
+    if out is None:
+        out = default_export_dir(t, which)
+        say(f"out: {out}")
+    result = write_export(t, out, which=which, with_heads=with_heads)
+    for note in result.notes:
+        say(f"note: {note}")
+    return result
 
 
-def compare(run_dirs: Any = (), *, report_path: str | Path | None = None, **kw: Any) -> Any:
-    """Collect runs (or train ``methods=[...]``) into one comparison; with
-    ``report_path``, also one HTML page of them side by side."""
-    from sslcli.runs.compare import compare as _compare
+def compare(
+    run_dirs: Sequence[str | Path] = (),
+    *,
+    methods: Sequence[str] = (),
+    plot_path: str | Path | None = None,
+    report_path: str | Path | None = None,
+    say: Callable[[str], None] = lambda m: None,
+    console: Any = None,
+    **train_options: Any,
+) -> CompareResult:
+    """Runs side by side: ``run_dirs`` (default: every run under ./runs), after training
+    ``methods`` alike if given (:func:`train_methods`); optionally a PNG of their curves
+    (``plot_path``) and one HTML page of them (``report_path``)."""
+    from sslcli.runs.compare import CompareResult, find_runs, read_run
+    from sslcli.runs.layout import RUNS_DIR
 
-    result = _compare(run_dirs, **kw)
+    failures: dict[str, str] = {}
+    dirs = [Path(p) for p in run_dirs]
+    if methods:
+        trained, failures = train_methods(methods, say=say, console=console, **train_options)
+        dirs.extend(trained)
+    elif not dirs:
+        dirs = find_runs()
+        if not dirs:
+            raise TargetError(f"no run directories given and none under {RUNS_DIR}/")
+        say(f"comparing the {len(dirs)} runs under {RUNS_DIR}/")
+    result = CompareResult([read_run(d) for d in dirs], failures)
+    if plot_path is not None and result.summaries:
+        from sslcli.runs.compare import plot
+
+        plot(result.summaries, plot_path)
     if report_path is not None and result.summaries:
         from sslcli.report import write_compare_report
 
         write_compare_report(result.summaries, report_path)
     return result
+
+
+def train_methods(
+    methods: Sequence[str],
+    *,
+    data: str | None = None,
+    epochs: int | None = None,
+    backbone: str | None = None,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+    max_steps: int | None = None,
+    device: str | None = None,
+    out: str | Path | None = None,
+    sets: Sequence[str] = (),
+    linear: bool = True,
+    say: Callable[[str], None] = lambda m: None,
+    console: Any = None,
+) -> tuple[list[Path], dict[str, str]]:
+    """Train ``methods`` with one shared data/budget/seed (``ssl compare --methods``); kNN
+    (by the trainer) and, with ``linear``, a linear probe for each. Returns (run
+    directories, method -> one-line error for those that failed)."""
+    from sslcli.runs.layout import RUNS_DIR
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(out) if out else RUNS_DIR / f"compare-{stamp}"
+    shared: dict[str, Any] = {}
+    for section, key, value in (
+        ("data", "dataset", data), ("data", "image_size", image_size),
+        ("backbone", "name", backbone), ("trainer", "epochs", epochs),
+        ("trainer", "batch_size", batch_size), ("trainer", "seed", seed),
+        ("trainer", "max_steps", max_steps), ("trainer", "device", device),
+    ):  # fmt: skip
+        if value is not None:
+            shared.setdefault(section, {})[key] = value
+    runs: list[Path] = []
+    failures: dict[str, str] = {}
+    for name in methods:
+        overrides = json.loads(json.dumps(shared))
+        overrides.setdefault("trainer", {})["out"] = str(root / name)
+        say(f"compare: training {name} -> {root / name}")
+        try:
+            result = train(name, overrides=overrides, sets=list(sets), console=console)
+        except Interrupted:
+            # Ctrl-C / SIGTERM stops the whole comparison, not just this method's run.
+            say(f"compare: stopped during {name}; the methods after it were not trained")
+            raise
+        except SSLError as e:
+            failures[name] = str(e)
+            say(f"compare: {name} failed: {e}")
+            continue
+        runs.append(result.run_dir)
+        if linear and result.knn_trained is not None:
+            # kNN ran, so the data has labelled train/test splits: the probe can run too.
+            try:
+                evaluate("linear", result.run_dir, device=device or "auto")
+            except SSLError as e:
+                failures[name] = f"linear probe: {e}"
+                say(f"compare: {name}: linear probe failed: {e}")
+    return runs, failures
 
 
 def embed(target: str | Path | None = None, **kw: Any) -> Any:
@@ -288,17 +341,50 @@ def report(run: str | Path | None = None, out: str | Path = "report.html", **kw:
     return write_report(run, out, **kw)
 
 
+def check_compare_format(fmt: str) -> None:
+    """A one-line error unless ``ssl compare --format`` accepts ``fmt``."""
+    from sslcli.runs.compare import FORMATS
+
+    if fmt not in FORMATS:
+        raise SSLError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def render_comparison(summaries: Sequence[RunSummary], fmt: str) -> str:
+    """The comparison as ``markdown``, ``csv`` or ``json`` text."""
+    from sslcli.runs.compare import render
+
+    return render(summaries, fmt)
+
+
+def comparison_table(summaries: Sequence[RunSummary]) -> Any:
+    """The comparison as a rich table (``ssl compare``'s default output)."""
+    from sslcli.runs.compare import rich_table
+
+    return rich_table(summaries)
+
+
 __all__ = [
+    "ConfigError",
+    "Interrupted",
+    "SSLError",
+    "TargetError",
     "compare",
+    "check_compare_format",
+    "comparison_table",
+    "describe_backbones",
     "embed",
-    "report",
     "evaluate",
     "export",
-    "ConfigError",
-    "TrainResult",
+    "latest_run",
     "list_methods",
     "load_method",
+    "method_options",
     "plan",
+    "read_recipe",
+    "recipe_files",
+    "render_comparison",
+    "report",
     "resolve_config",
     "train",
+    "train_methods",
 ]

@@ -13,6 +13,10 @@ import errno
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
+
 from sslcli.errors import WriteError
 
 
@@ -68,3 +72,26 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
+    """Write a safetensors file under a temporary name, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        # safetensors creates its file with mode 0600; an export is meant to be shared like
+        # the config.json next to it, so it gets the mode the umask gives a new file.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        # safetensors reports a full disk as SafetensorError, not OSError
+        raise WriteError(f"cannot write {path}: {reason(e)}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()

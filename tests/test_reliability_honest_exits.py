@@ -50,9 +50,10 @@ def test_ctrl_c_in_eval_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: Any) 
 def test_ctrl_c_in_export_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
 ) -> None:
-    import sslcli.runs.export
+    import sslcli.runs.targets
 
-    monkeypatch.setattr(sslcli.runs.export, "export", _raise_ctrl_c)
+    # Ctrl-C while the export loads its target (the slow part).
+    monkeypatch.setattr(sslcli.runs.targets, "load_target", _raise_ctrl_c)
     assert main(["export", "somewhere", "--out", str(tmp_path / "e")]) == 130
     assert "interrupted" in capsys.readouterr().err
 

@@ -48,7 +48,7 @@ def _checkpoint_meta(**backbone: Any) -> dict[str, Any]:
 
 
 def test_checkpoint_backbone_name_is_resolved_not_trusted(timm_calls: Any) -> None:
-    from sslcli.runs.targets import rebuild_method
+    from sslcli.runs.rebuild import rebuild_method
 
     with pytest.raises(SSLError, match="hf-hub:attacker/x"):
         rebuild_method(_checkpoint_meta(timm_name="hf-hub:attacker/x"), {})
@@ -56,7 +56,7 @@ def test_checkpoint_backbone_name_is_resolved_not_trusted(timm_calls: Any) -> No
 
 
 def test_checkpoint_backbone_kwargs_are_allow_listed(tmp_path: Path, timm_calls: Any) -> None:
-    from sslcli.runs.targets import rebuild_method
+    from sslcli.runs.rebuild import rebuild_method
 
     evil = tmp_path / "evil.pth"
     evil.write_bytes(b"\x80\x04not really a pickle")

@@ -14,7 +14,7 @@ import sys
 import click
 import typer
 
-from sslcli.errors import ConfigError, SSLError
+from sslcli.api import ConfigError, SSLError
 
 app = typer.Typer(
     name="ssl",

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 def backbones() -> None:
     """List backbone aliases (any timm model name works too)."""
-    from sslcli.backbones import describe_all
+    from sslcli import api
 
     table = Table(
         title="backbones (any timm model name is accepted too)",
@@ -23,7 +23,7 @@ def backbones() -> None:
     )
     for col in ("alias", "timm model", "params (M)", "feature width"):
         table.add_column(col)
-    for r in describe_all():
+    for r in api.describe_backbones():
         timm_name = r["timm"] + (" *" if r["kwargs"] else "")
         table.add_row(r["alias"], timm_name, f"{r['params_m']:.1f}", str(r["features"]))
     out.print(table)

@@ -46,18 +46,15 @@ def compare(
 ) -> None:
     """Compare runs in one table (and a plot); or train several methods alike and compare."""
     from sslcli import api
-    from sslcli.errors import SSLError
-    from sslcli.runs import compare as cmp
 
-    if fmt not in cmp.FORMATS:
-        raise SSLError(f"--format {fmt!r}: use one of {', '.join(cmp.FORMATS)}")
+    api.check_compare_format(fmt)
     names = [m.strip() for m in (methods or "").split(",") if m.strip()]
     if methods is not None and not names:
-        raise SSLError("--methods needs at least one method name ('ssl methods' lists them)")
+        raise api.SSLError("--methods needs at least one method name ('ssl methods' lists them)")
     if not names and any(
         v is not None for v in (data, epochs, backbone, batch_size, image_size, seed, max_steps)
     ):
-        raise SSLError("--data/--epochs/--backbone/... only apply with --methods")
+        raise api.SSLError("--data/--epochs/--backbone/... only apply with --methods")
     result = api.compare(
         run_dirs or [],
         methods=names,
@@ -70,7 +67,7 @@ def compare(
         sets=sets or [], linear=linear,
     )  # fmt: skip
     if fmt == "table":
-        table = cmp.rich_table(result.summaries)
+        table = api.comparison_table(result.summaries)
         if out.is_terminal:
             out.print(table)
         else:
@@ -87,11 +84,11 @@ def compare(
             plain.print(table)
             out.out(plain.file.getvalue().rstrip("\n"), highlight=False)
     else:
-        out.out(cmp.render(result.summaries, fmt), highlight=False)
+        out.out(api.render_comparison(result.summaries, fmt), highlight=False)
     if plot:
         err.print(f"plot: {plot}", markup=False)
     if report:
         err.print(f"report: {report}", markup=False)
     if result.failures:
         lines = "; ".join(f"{k}: {v}" for k, v in result.failures.items())
-        raise SSLError(f"{len(result.failures)} of {len(names)} methods failed: {lines}")
+        raise api.SSLError(f"{len(result.failures)} of {len(names)} methods failed: {lines}")

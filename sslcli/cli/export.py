@@ -1,9 +1,8 @@
-"""``ssl export [TARGET] --out DIR``: parse flags, call :func:`sslcli.runs.export.export`."""
+"""``ssl export [TARGET] --out DIR``: parse flags, call :func:`sslcli.api.export`."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
@@ -34,22 +33,12 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write an encoder as model.safetensors + timm config.json (loads in plain timm)."""
-    from sslcli.runs.export import export as do_export
-    from sslcli.runs.targets import latest_run, load_target
+    from sslcli import api
 
-    if target is None:
-        target = str(latest_run())
-        err.print(f"target: {target} (the most recent run under ./runs)", markup=False)
-    if out_dir is None:
-        t = load_target(target)
-        base = t.run_dir if t.run_dir is not None else Path.cwd()
-        suffix = f"-{which}" if which and which != t.default_which else ""
-        stem = "export" if t.run_dir is not None else f"{Path(t.weights).stem}-export"
-        out_dir = str(base / f"{stem}{suffix}")
-        err.print(f"out: {out_dir}", markup=False)
-    result = do_export(target, out_dir, which=which, with_heads=with_heads)
-    for note in result.notes:
-        err.print(f"note: {note}", markup=False, highlight=False)
+    result = api.export(
+        target, out_dir, which=which, with_heads=with_heads,
+        say=lambda m: err.print(m, markup=False, highlight=False),
+    )  # fmt: skip
     if as_json:
         out.out(json.dumps(result.to_json()), highlight=False)
         return

@@ -17,16 +17,16 @@ def register(app: typer.Typer) -> None:
 
 def methods(name: str = typer.Argument(None, help="Show this method's options.")) -> None:
     """List methods (name, package, version, summary) or show one method's options."""
-    from sslcli import registry
+    from sslcli import api
 
     if name:
-        _show(registry.load(name))
+        _show(api.load_method(name))
         return
     table = Table(title="methods")
     for col in ("name", "package", "version", "summary"):
         table.add_column(col)
     # Everything a plugin supplies is escaped: rich would read 'x[cuda]' as markup.
-    for st in registry.list_methods():
+    for st in api.list_methods():
         label = st.info.qualified if st.clash else st.info.name
         if st.cls is None:
             summary = f"[red]broken[/red]: {escape(st.error or '')}"
@@ -50,24 +50,21 @@ def _show(cls: type) -> None:
     table = Table(title="method options (--set method.KEY=VALUE)")
     for col in ("option", "default", "description"):
         table.add_column(col)
-    from sslcli import registry
-    from sslcli.method import dependent_options, resume_safe_options
+    from sslcli import api
 
-    depends = dependent_options(cls.Config)
-    safe = resume_safe_options(cls.Config)
-    for key, field in cls.Config.model_fields.items():
-        default = repr(field.get_default(call_default_factory=True))
+    for opt in api.method_options(cls):
+        default = repr(opt["default"])
         notes = []
-        if key in depends:
+        if opt["depends_on"]:
             # Filled per run by Method.option_defaults; the run's config.json has the value.
-            default = f"by {depends[key]}"
-            notes.append(f"default depends on the {depends[key]}")
-        if key in safe:
+            default = f"by {opt['depends_on']}"
+            notes.append(f"default depends on the {opt['depends_on']}")
+        if opt["resume_safe"]:
             notes.append("may change on resume")
-        desc = (field.description or "") + (f" [{'; '.join(notes)}]" if notes else "")
-        table.add_row(escape(key), escape(default), escape(desc))
+        desc = opt["description"] + (f" [{'; '.join(notes)}]" if notes else "")
+        table.add_row(escape(opt["key"]), escape(default), escape(desc))
     out.print(table)
-    shipped = registry.recipe_files(cls)
+    shipped = api.recipe_files(cls)
     if shipped:
         out.print(
             escape(f"recipe files (--config {cls.name}:NAME): " + ", ".join(shipped)),

@@ -71,15 +71,13 @@ def train(
 ) -> None:
     """Train an encoder with METHOD (defaults: digits, resnet18, a quick CPU-sized run)."""
     from sslcli import api
-    from sslcli.config import set_dotted
-    from sslcli.errors import ConfigError
 
     if not dry_run:
         given = [f for f, v in (("--json", as_json or None), ("--processes", processes),
                                 ("--images", images), ("--[no-]memory", memory))
                  if v is not None]  # fmt: skip
         if given:
-            raise ConfigError([f"{', '.join(given)}: only with --dry-run"])
+            raise api.ConfigError([f"{', '.join(given)}: only with --dry-run"])
 
     flags: dict[str, Any] = {}
     pairs = {
@@ -97,7 +95,8 @@ def train(
     }
     for key, value in pairs.items():
         if value is not None:
-            set_dotted(flags, key, value)
+            section, _, name = key.partition(".")
+            flags.setdefault(section, {})[name] = value
     if dry_run:
         from sslcli.cli.dryrun import show
 

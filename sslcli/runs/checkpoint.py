@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sslcli.errors import CorruptCheckpoint, NonFiniteCheckpoint, CheckpointError
+from sslcli.errors import CheckpointError, CorruptCheckpoint, NonFiniteCheckpoint
 
 LAST = "last.safetensors"
 CHECKSUM_KEY = "sslcli_sha256"

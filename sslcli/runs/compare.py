@@ -4,8 +4,8 @@ Everything is read from what a run leaves behind: ``config.json`` (method, backb
 epochs) and ``metrics.jsonl`` (the ``start`` record, step records with the loss, ``epoch``
 records — with ``probe_top1`` when an online probe ran —, the ``end`` record with
 throughput, memory, wall time and kNN accuracy, and ``eval`` records appended by
-``ssl eval``). ``ssl compare --methods a,b,c`` first trains each method with the same data,
-budget and seed, evaluates them, and then does the same.
+``ssl eval``). Nothing here trains or evaluates (``ssl compare --methods a,b,c`` first
+trains each method with the same data, budget and seed: :func:`sslcli.api.train_methods`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sslcli.errors import SSLError
-from sslcli.runs.targets import RUNS_DIR
-from sslcli.errors import TargetError
+from sslcli.errors import SSLError, TargetError
+from sslcli.runs.layout import RUNS_DIR, is_export_dir
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -118,8 +116,6 @@ def read_run(run_dir: str | Path) -> RunSummary:
         raise TargetError(f"run directory not found: {d}")
     if not cfg_path.is_file():
         raise TargetError(f"{d} is not a run directory (no config.json)")
-    from sslcli.runs.layout import is_export_dir
-
     if is_export_dir(d):
         raise TargetError(
             f"{d} is an exported model (ssl export), not a run: compare the run it came from"
@@ -232,8 +228,6 @@ def _apply_evals(s: RunSummary) -> None:
 def find_runs(root: Path = RUNS_DIR) -> list[Path]:
     if not root.is_dir():
         return []
-    from sslcli.runs.layout import is_export_dir
-
     return sorted(
         p for p in root.iterdir() if (p / "config.json").is_file() and not is_export_dir(p)
     )
@@ -351,7 +345,7 @@ def plot(summaries: Sequence[RunSummary], path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training a comparison
+# The result of ``ssl compare``
 # ---------------------------------------------------------------------------------------------
 
 
@@ -360,90 +354,3 @@ class CompareResult:
     summaries: list[RunSummary]
     failures: dict[str, str] = field(default_factory=dict)
     """Method -> one-line error, for methods that could not be trained or evaluated."""
-
-
-def train_methods(
-    methods: Sequence[str],
-    *,
-    data: str | None = None,
-    epochs: int | None = None,
-    backbone: str | None = None,
-    batch_size: int | None = None,
-    image_size: int | None = None,
-    seed: int | None = None,
-    max_steps: int | None = None,
-    device: str | None = None,
-    out: str | Path | None = None,
-    sets: Sequence[str] = (),
-    linear: bool = True,
-    say: Callable[[str], None] = lambda m: None,
-    console: Any = None,
-) -> tuple[list[Path], dict[str, str]]:
-    """Train ``methods`` with one shared data/budget/seed; kNN (by the trainer) and, with
-    ``linear``, a linear probe for each. Returns (run dirs, failures)."""
-    from sslcli import api
-    from sslcli.errors import Interrupted
-    from sslcli.eval.api import evaluate
-
-    root = Path(out) if out else RUNS_DIR / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    shared: dict[str, Any] = {}
-    for section, key, value in (
-        ("data", "dataset", data), ("data", "image_size", image_size),
-        ("backbone", "name", backbone), ("trainer", "epochs", epochs),
-        ("trainer", "batch_size", batch_size), ("trainer", "seed", seed),
-        ("trainer", "max_steps", max_steps), ("trainer", "device", device),
-    ):  # fmt: skip
-        if value is not None:
-            shared.setdefault(section, {})[key] = value
-    runs: list[Path] = []
-    failures: dict[str, str] = {}
-    for name in methods:
-        overrides = json.loads(json.dumps(shared))
-        overrides.setdefault("trainer", {})["out"] = str(root / name)
-        say(f"compare: training {name} -> {root / name}")
-        try:
-            result = api.train(name, overrides=overrides, sets=list(sets), console=console)
-        except Interrupted:
-            # Ctrl-C / SIGTERM stops the whole comparison, not just this method's run.
-            say(f"compare: stopped during {name}; the methods after it were not trained")
-            raise
-        except SSLError as e:
-            failures[name] = str(e)
-            say(f"compare: {name} failed: {e}")
-            continue
-        runs.append(result.run_dir)
-        if linear and result.knn_trained is not None:
-            # kNN ran, so the data has labelled train/test splits: the probe can run too.
-            try:
-                evaluate("linear", result.run_dir, device=device or "auto")
-            except SSLError as e:
-                failures[name] = f"linear probe: {e}"
-                say(f"compare: {name}: linear probe failed: {e}")
-    return runs, failures
-
-
-def compare(
-    run_dirs: Sequence[str | Path] = (),
-    *,
-    methods: Sequence[str] = (),
-    plot_path: str | Path | None = None,
-    say: Callable[[str], None] = lambda m: None,
-    console: Any = None,
-    **train_options: Any,
-) -> CompareResult:
-    """Summaries of ``run_dirs`` (default: every run under ./runs), after training
-    ``methods`` if given; optionally a PNG of their curves."""
-    failures: dict[str, str] = {}
-    dirs = [Path(p) for p in run_dirs]
-    if methods:
-        trained, failures = train_methods(methods, say=say, console=console, **train_options)
-        dirs.extend(trained)
-    elif not dirs:
-        dirs = find_runs()
-        if not dirs:
-            raise TargetError(f"no run directories given and none under {RUNS_DIR}/")
-        say(f"comparing the {len(dirs)} runs under {RUNS_DIR}/")
-    summaries = [read_run(d) for d in dirs]
-    if plot_path is not None and summaries:
-        plot(summaries, plot_path)
-    return CompareResult(summaries, failures)

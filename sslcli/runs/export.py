@@ -38,10 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslcli.runs.targets import EXPORT_CONFIG, EXPORT_WEIGHTS, Target, strip_prefixes
-from sslcli.errors import TargetError
+from sslcli.data.views import IMAGENET_MEAN, IMAGENET_STD
+from sslcli.errors import TargetError, WriteError
+from sslcli.fsutil import atomic_write_safetensors, atomic_write_text, reason
+from sslcli.runs.export_readme import readme_sections
+from sslcli.runs.heads import write_heads
+from sslcli.runs.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, HEADS_WEIGHTS, check_export_out
+from sslcli.runs.rebuild import Target, strip_prefixes
 
-HEADS_WEIGHTS = "heads.safetensors"
 # timm constructor arguments that only matter while training; an exported encoder is
 # rebuilt for inference or fine-tuning, where the user chooses their own regularisation.
 TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate",
@@ -81,89 +85,6 @@ def encoder_state(module: nn.Module) -> dict[str, Tensor]:
     """
     state = strip_prefixes(module.state_dict())
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-
-
-def head_state(method: nn.Module) -> dict[str, Tensor]:
-    """Parameters (and normalisation statistics) of every module outside the encoders.
-
-    Encoders are the timm models sslcli built (they carry ``sslcli_spec``); what remains
-    are projection/prediction heads, prototypes and the like. Buffers are kept only where
-    they belong to a layer with parameters or to a normalisation layer, so queues, memory
-    banks and centres (training state, not network) stay out.
-    """
-    from torch.nn.modules.batchnorm import _NormBase
-
-    out: dict[str, Tensor] = {}
-
-    def walk(mod: nn.Module, prefix: str) -> None:
-        if hasattr(mod, "sslcli_spec"):
-            return
-        own_params = dict(mod.named_parameters(recurse=False))
-        for n, p in own_params.items():
-            if p is not None:
-                out[prefix + n] = p
-        if own_params or isinstance(mod, _NormBase):
-            for n, b in mod.named_buffers(recurse=False):
-                if b is not None and n not in mod._non_persistent_buffers_set:
-                    out[prefix + n] = b
-        for n, child in mod.named_children():
-            walk(child, f"{prefix}{n}.")
-
-    for n, child in method.named_children():
-        walk(child, f"{n}.")
-    return {k: v.detach().cpu().contiguous().clone() for k, v in strip_prefixes(out).items()}
-
-
-def _qualname(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def heads_structure(method: nn.Module, heads: dict[str, Tensor]) -> dict[str, Any]:
-    """Each head's module structure: its class, every submodule's class (encoders inside
-    it left out) and every tensor's shape and dtype; ``heads`` as :func:`head_state`."""
-    structure: dict[str, Any] = {}
-    for key, v in heads.items():
-        top = key.split(".")[0]
-        entry = structure.setdefault(top, {"class": "", "modules": {}, "tensors": {}})
-        entry["tensors"][key[len(top) + 1 :]] = {"shape": list(v.shape), "dtype": str(v.dtype)}
-    for top, entry in structure.items():
-        mod = getattr(method, top)
-        entry["class"] = _qualname(mod)
-        entry["modules"] = {
-            n: _qualname(m)
-            for n, m in mod.named_modules()
-            if n and not any(hasattr(a, "sslcli_spec") for a in [*_ancestors(mod, n), m])
-        }
-    return structure
-
-
-def heads_description(t: Any, which: str, heads: dict[str, Tensor]) -> dict[str, Any]:
-    """What ``heads.safetensors`` carries besides the tensors (its ``sslcli`` metadata):
-    enough to rebuild the heads with :func:`sslcli.load_heads` — the method, the package
-    and version that registered it, the run's resolved config (the method's options
-    included), the backbone as built, the data set size, the exported encoder, and each
-    head's module structure (:func:`heads_structure`) to check the rebuild by."""
-    from sslcli import registry
-
-    return {
-        "method": t.method_name,
-        "step": t.step,
-        "which": which,
-        "plugin": registry.info_of(type(t.method)).record(),
-        "config": t.config,
-        "backbone": t.meta.get("backbone"),
-        "dataset_size": t.meta.get("dataset_size"),
-        "heads": heads_structure(t.method, heads),
-    }
-
-
-def _ancestors(root: nn.Module, path: str) -> list[nn.Module]:
-    """The modules strictly between ``root`` and the submodule at ``path``."""
-    out, cur = [], root
-    for part in path.split(".")[:-1]:
-        cur = getattr(cur, part)
-        out.append(cur)
-    return out
 
 
 def _in_chans(module: nn.Module) -> int:
@@ -253,115 +174,26 @@ def _stem_description(encoder: nn.Module) -> dict[str, Any]:
     }
 
 
-_README = """# {arch} exported by sslcli ({method}, encoder "{which}")
-
-This ResNet uses a small-image stem: `{conv}` is a 3x3 stride-1 convolution (no bias) and
-the max-pool is removed. timm's ResNet constructor cannot express that stem, so build the
-model, replace the two layers, then load the weights:
-
-```python
-import json, timm, torch.nn as nn
-from safetensors.torch import load_file
-
-cfg = json.load(open("config.json"))
-model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0,
-                          **cfg["model_args"])
-stem = cfg["sslcli"]["small_stem"]
-conv = nn.Conv2d(stem["in_channels"], stem["out_channels"], 3, 1, 1, bias=False)
-if stem["conv"] == "conv1":
-    model.conv1 = conv
-else:  # deep stem: the first conv of the conv1 Sequential
-    model.conv1[0] = conv
-model.maxpool = nn.Identity()
-model.load_state_dict(load_file("model.safetensors"), strict=True)
-```
-
-(`sslcli.load_timm(DIR)` does the same.)
-"""
-
-_GRID_README = """
-## Patch grid
-
-The representation {method} evaluates is not this network applied to the whole image:
-it is the network applied to each patch of a {g}x{g} grid of {p}x{p}-pixel patches cut
-with stride {s}, and the {g}x{g} patch features averaged. `config.json["sslcli"]
-["patch_grid"]` records the grid; `sslcli.load_timm(DIR)` returns the network wrapped
-to do it (its `.encoder` is the plain network). By hand:
-
-```python
-patches = x.unfold(2, {p}, {s}).unfold(3, {p}, {s})          # [B, C, {g}, {g}, {p}, {p}]
-patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], {p}, {p})
-features = model(patches).view(x.shape[0], {g} * {g}, -1).mean(dim=1)
-```
-"""
-
-_PAIR_README = """
-## Two encoders
-
-{method} learns one encoder per colour view of an image ({space}: the luma channel "l"
-and the two chroma channels "ab"), and its representation is the two encoders' features
-concatenated (l first). `model.safetensors` is the "{which}" encoder (it loads in plain
-timm with the `in_chans` in `config.json`); `{file}` is the "{other}" encoder, described
-under `config.json["sslcli"]["paired_views"]["companion"]`. `sslcli.load_timm(DIR)`
-returns the pair: it takes [0, 1] RGB, converts it with
-`sslcli.nn.colorspace.luma_chroma_views(x, "{space}")` and concatenates the two features
-(its `.l`, `.ab` and `.encoder` are the plain networks).
-"""
-
-_INPUT_README = """
-Inputs: {size}x{size} pixels, scaled to [0, 1], minus mean {mean}, divided by std {std}.
-"""
+def default_export_dir(t: Target, which: str | None) -> Path:
+    """Where ``ssl export`` writes without ``--out``: ``<run>/export`` (``export-WHICH`` for
+    another encoder than the evaluated one), or ``<checkpoint stem>-export`` in the working
+    directory for a checkpoint outside a run."""
+    base = t.run_dir if t.run_dir is not None else Path.cwd()
+    suffix = f"-{which}" if which and which != t.default_which else ""
+    stem = "export" if t.run_dir is not None else f"{Path(t.weights).stem}-export"
+    return base / f"{stem}{suffix}"
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def _write_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from sslcli.fsutil import reason
-    from sslcli.errors import WriteError
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        # safetensors creates its file with mode 0600; an export is meant to be shared like
-        # the config.json next to it, so it gets the mode the umask gives a new file.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        # safetensors reports a full disk as SafetensorError, not OSError
-        raise WriteError(f"cannot write {path}: {reason(e)}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def export(
-    target: str | Path | None,
-    out: str | Path,
-    *,
-    which: str | None = None,
-    with_heads: bool = False,
+def write_export(
+    t: Target, out: str | Path, *, which: str | None = None, with_heads: bool = False
 ) -> ExportResult:
-    """Write ``target``'s encoder (``which``, default: the evaluated one) to ``out``."""
-    from sslcli.runs.targets import load_target
-
-    t = load_target(target)
+    """Write ``t``'s encoder (``which``, default: the evaluated one) to ``out``."""
     if t.kind == "export":
         raise TargetError(f"{t.path} is already an exported model; export a run or checkpoint")
     t.check_which(which)
     which = which or t.default_which
     encoder = t.candidates[which]
     out = Path(out)
-    from sslcli.runs.layout import check_export_out
-    from sslcli.fsutil import atomic_write_text, reason
-    from sslcli.errors import WriteError
-
     check_export_out(out)  # never into a run directory (its config.json is the run's)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -384,64 +216,21 @@ def export(
             "sslcli": {"small_stem": desc["sslcli"]["small_stem"]},
         }
         path = out / pair["companion"]["file"]
-        _write_safetensors(encoder_state(other), path, {"format": "pt"})
+        atomic_write_safetensors(encoder_state(other), path, {"format": "pt"})
         files.append(path)
-    _write_safetensors(encoder_state(encoder), files[0], {"format": "pt"})
+    atomic_write_safetensors(encoder_state(encoder), files[0], {"format": "pt"})
     atomic_write_text(out / EXPORT_CONFIG, json.dumps(cfg, indent=2) + "\n")
-    notes = []
-    small = cfg["sslcli"]["small_stem"] is not None
-    grid = cfg["sslcli"].get("patch_grid")
-    readme = out / "README.md"
-    sections = []
-    if small:
-        stem = cfg["sslcli"]["small_stem"]
-        sections.append(
-            _README.format(
-                arch=cfg["architecture"], method=t.method_name, which=which, conv=stem["conv"]
-            )
-        )
-        notes.append(
-            f"small-image stem: plain timm needs model.{stem['conv']} (3x3 stride 1) and "
-            f"model.maxpool (Identity) adjusted before loading; sslcli.load_timm(DIR) "
-            f"or the recipe in {readme} does it"
-        )
-    if (grid or pair) and not sections:
-        sections.append(f"# {cfg['architecture']} exported by sslcli ({t.method_name})\n")
-    if grid:
-        g, p, s = grid["grid_size"], grid["patch"], grid["stride"]
-        sections.append(_GRID_README.format(method=t.method_name, g=g, p=p, s=s))
-        notes.append(
-            f"patch grid: {t.method_name}'s representation is this encoder on a {g}x{g} grid "
-            f"of {p}-px patches (stride {s}), mean-pooled; sslcli.load_timm(DIR) returns "
-            f"it wrapped that way, {readme} shows how by hand"
-        )
-    if pair:
-        comp = pair["companion"]
-        sections.append(_PAIR_README.format(
-            method=t.method_name, which=which, other=comp["which"], file=comp["file"],
-            space=pair["color_space"],
-        ))  # fmt: skip
-        notes.append(
-            f"two encoders: {t.method_name}'s representation concatenates the {which} and "
-            f"{comp['which']} encoders ({comp['file']} beside model.safetensors); "
-            "sslcli.load_timm(DIR) returns the pair"
-        )
-    if sections:
-        pc = cfg["pretrained_cfg"]
-        size, mean, std = pc["input_size"][-1], pc["mean"], pc["std"]
-        sections.append(_INPUT_README.format(size=size, mean=mean, std=std))
-        atomic_write_text(readme, "".join(sections))
-        files.append(readme)
+    notes, readme = readme_sections(cfg, t.method_name, which, out / "README.md")
+    if readme is not None:
+        atomic_write_text(out / "README.md", readme)
+        files.append(out / "README.md")
     if with_heads:
-        if t.method is None:
-            raise TargetError("--with-heads needs a run or checkpoint (it has the heads)")
-        heads = head_state(t.method)
-        if not heads:
+        written = write_heads(t, which, out / HEADS_WEIGHTS)
+        if written is None:
             notes.append(f"{t.method_name} has no head parameters outside its encoders")
         else:
-            meta = {"sslcli": json.dumps(heads_description(t, which, heads))}
-            _write_safetensors(heads, out / HEADS_WEIGHTS, meta)
-            files.append(out / HEADS_WEIGHTS)
+            files.append(written)
+    small = cfg["sslcli"]["small_stem"] is not None
     return ExportResult(out, which, cfg["architecture"], files, small, notes)
 
 
@@ -563,3 +352,139 @@ def load_timm(directory: "str | os.PathLike[str]") -> "torch.nn.Module":  # noqa
 
         model = PatchGridPool(model)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading with sslcli
+# ---------------------------------------------------------------------------------------------
+
+
+def check_export_config(cfg: Any, path: Path) -> dict[str, Any]:
+    """An export's config.json, validated as user input is (one line per problem): the
+    architecture through :func:`sslcli.backbones.resolve_name`, ``model_args`` through the
+    allow-list, file names inside the directory, field types through pydantic."""
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from sslcli.backbones import check_kwargs, resolve_name
+    from sslcli.config import format_validation_error
+    from sslcli.errors import BackboneError
+
+    class _Loose(BaseModel):
+        model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    class Pretrained(_Loose):
+        input_size: tuple[int, int, int] = (3, 224, 224)
+        mean: tuple[float, ...] = IMAGENET_MEAN
+        std: tuple[float, ...] = IMAGENET_STD
+
+    class Companion(_Loose):
+        which: str
+        file: str
+        architecture: str
+        model_args: dict[str, Any] = {}
+
+    class Paired(_Loose):
+        which: str
+        companion: Companion
+        color_space: str
+
+    class Extra(_Loose):
+        method: str | None = None
+        step: int | None = None
+        dataset: str | None = None
+        load_size: int | None = None
+        paired_views: Paired | None = None
+
+    class ExportConfig(_Loose):
+        architecture: str
+        model_args: dict[str, Any] = {}
+        pretrained_cfg: Pretrained = Pretrained()
+        sslcli: Extra = Extra()
+
+    if not isinstance(cfg, dict):
+        raise TargetError(f"{path / EXPORT_CONFIG}: not a JSON object")
+    try:
+        model = ExportConfig(**cfg)
+    except ValidationError as e:
+        raise TargetError(
+            f"{path / EXPORT_CONFIG}: {'; '.join(format_validation_error(e))}"
+        ) from e
+    try:
+        resolve_name(model.architecture)
+        check_kwargs(model.model_args, f"{path / EXPORT_CONFIG}: model_args")
+        pair = model.sslcli.paired_views
+        if pair is not None:
+            resolve_name(pair.companion.architecture)
+            check_kwargs(pair.companion.model_args, f"{path / EXPORT_CONFIG}: companion")
+    except BackboneError as e:
+        raise TargetError(f"cannot load exported model {path}: {e}") from e
+    if pair is not None:
+        name = pair.companion.file
+        inside = Path(name).name == name and name not in ("", ".", "..")
+        if not inside or (path / name).resolve().parent != path.resolve():
+            raise TargetError(
+                f"cannot load exported model {path}: its companion weight file {name!r} "
+                "is not a file of the directory"
+            )
+    return cfg
+
+
+
+
+def load_export(path: Path) -> Target:
+    from safetensors import SafetensorError
+
+    try:
+        cfg = json.loads((path / EXPORT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TargetError(f"cannot load exported model {path}: {e}") from e
+    cfg = check_export_config(cfg, path)
+    try:
+        model = load_timm(path)
+    except (
+        OSError, RuntimeError, KeyError, ValueError, TypeError, AssertionError, SafetensorError
+    ) as e:  # fmt: skip
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TargetError(f"cannot load exported model {path}: {first}") from e
+    model.eval()
+    pc = cfg.get("pretrained_cfg", {})
+    extra = cfg.get("sslcli", {})
+    size = int(pc.get("input_size", [3, 224, 224])[-1])
+    mean = tuple(pc.get("mean", IMAGENET_MEAN))
+    std = tuple(pc.get("std", IMAGENET_STD))
+    normalize = not (all(m == 0 for m in mean) and all(s == 1 for s in std))
+    in_chans = int((cfg.get("model_args") or {}).get("in_chans", 3))
+    if in_chans != 3 and not extra.get("paired_views"):
+        raise TargetError(
+            f"cannot evaluate exported model {path}: it takes {in_chans}-channel inputs and "
+            "sslcli evaluates RGB images (a CMC run exported now writes both colour-view "
+            "encoders, which take RGB together)"
+        )
+    if len(mean) != 3 or len(std) != 3:
+        # A single colour-view encoder (CMC's L: 1 channel) records its own statistics;
+        # sslcli feeds exports RGB, and such methods train on un-normalised pixels.
+        if normalize:
+            raise TargetError(
+                f"cannot evaluate exported model {path}: its mean/std are for "
+                f"{len(mean)} input channel(s) and sslcli evaluates RGB images"
+            )
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    run_cfg: dict[str, Any] = {}
+    if extra.get("dataset"):
+        run_cfg = {"data": {"dataset": extra["dataset"], "load_size": extra.get("load_size")}}
+    return Target(
+        kind="export",
+        path=path,
+        weights=path / EXPORT_WEIGHTS,
+        run_dir=None,
+        method_name=extra.get("method"),
+        step=extra.get("step"),
+        image_size=size,
+        normalize=normalize,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        candidates={"model": model},
+        method=None,
+        config=run_cfg,
+        meta=cfg,
+    )

@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sslcli.errors import RunDirError, SSLError
+from sslcli.errors import RunDirError, TargetError
 
+RUNS_DIR = Path("runs")
+"""Where runs go by default, and where a command without a target looks for the latest."""
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+HEADS_WEIGHTS = "heads.safetensors"
 MARKER = ".sslcli-run"
 LOCK = ".sslcli-lock"
 # What a run writes: removed by --force before a new run takes the directory over.
@@ -42,8 +47,8 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 def is_export_dir(d: Path) -> bool:
     """An ``ssl export`` directory: a timm config.json beside model.safetensors."""
-    cfg = _json(d / "config.json")
-    return cfg is not None and "architecture" in cfg and (d / "model.safetensors").is_file()
+    cfg = _json(d / EXPORT_CONFIG)
+    return cfg is not None and "architecture" in cfg and (d / EXPORT_WEIGHTS).is_file()
 
 
 def is_run_dir(d: Path) -> bool:
@@ -188,3 +193,30 @@ def check_export_out(out: Path) -> None:
             f"--out {out} is a run directory; exports go to a directory of their own "
             f"(e.g. {out / 'export'})"
         )
+
+
+def latest_run(root: Path = RUNS_DIR) -> Path:
+    """The run under ``root`` with the most recent checkpoint (what a bare command uses)."""
+    if not root.is_dir():
+        raise TargetError(
+            f"no TARGET given and no {root}/ directory here: name a run directory, a "
+            "checkpoint or an exported directory"
+        )
+    best: tuple[float, Path] | None = None
+    for d in root.iterdir():
+        last = d / "checkpoints" / "last.safetensors"
+        if d.is_dir() and last.is_file():
+            t = last.stat().st_mtime
+            if best is None or t > best[0]:
+                best = (t, d)
+    if best is None:
+        raise TargetError(f"no TARGET given and no run under {root}/ has a checkpoint")
+    return best[1]
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file lies in, if it is in one."""
+    for cand in (checkpoint.parent.parent, checkpoint.parent):
+        if (cand / "config.json").is_file() and (cand / "checkpoints").is_dir():
+            return cand
+    return None
