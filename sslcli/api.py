@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sslcli import config as cfg
 from sslcli import registry
 from sslcli.errors import ConfigError, PluginError
+from sslcli.eval.options import EvalOptions
 from sslcli.method import Method
 
 if TYPE_CHECKING:
@@ -242,11 +244,13 @@ def plan(
     return dry.describe(trainer, sources=sources, timm_calls=calls, memory=memory)
 
 
-def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
-    """Evaluate a run/checkpoint/export with ``knn``, ``linear`` or ``finetune``."""
+def evaluate(options: EvalOptions, *, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate a run/checkpoint/export as ``options`` say (``knn``, ``linear`` or
+    ``finetune``); one JSON-able dict. Example:
+    ``evaluate(EvalOptions(protocol="linear", target="runs/simclr-..."))``."""
     from sslcli.eval.api import evaluate as _evaluate
 
-    return _evaluate(protocol, target, **kw)
+    return _evaluate(options, say=say or _quiet)
 
 
 def export(target: str | Path | None, out: str | Path, **kw: Any) -> Any:
@@ -263,7 +267,7 @@ def compare(run_dirs: Any = (), *, report_path: str | Path | None = None, **kw: 
 
     result = _compare(run_dirs, **kw)
     if report_path is not None and result.summaries:
-        from sslcli.report import write_compare_report
+        from sslcli.report.compare import write_compare_report
 
         write_compare_report(result.summaries, report_path)
     return result
@@ -272,7 +276,7 @@ def compare(run_dirs: Any = (), *, report_path: str | Path | None = None, **kw: 
 def embed(target: str | Path | None = None, **kw: Any) -> Any:
     """Embed every image of a dataset (default: the run's own) with ``target``'s encoder.
 
-    Returns :class:`sslcli.eval.embed.Embeddings` (arrays); with ``out=FILE`` the file is
+    Returns :class:`sslcli.eval.embeddings.Embeddings` (arrays); with ``out=FILE`` the file is
     written too (``.safetensors``, ``.npz`` or ``.parquet``). Example:
     ``embed("runs/simclr-...", data="photos/", neighbors=8).neighbors``.
     """
@@ -281,18 +285,57 @@ def embed(target: str | Path | None = None, **kw: Any) -> Any:
     return _embed(target, **kw)
 
 
+def embeddings_format(path: str | Path) -> str:
+    """The embeddings file format ``path``'s extension names; a one-line error for any other
+    (checked before anything is loaded)."""
+    from sslcli.eval.embeddings import format_of
+
+    return format_of(path)
+
+
 def report(run: str | Path | None = None, out: str | Path = "report.html", **kw: Any) -> Any:
     """Write one self-contained HTML report of a run (curves, neighbours, a 2-D map)."""
-    from sslcli.report import write_report
+    from sslcli.report.run import write_report
 
     return write_report(run, out, **kw)
+
+
+def views(
+    method: str | None = None,
+    *,
+    out: str | Path,
+    data: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    config: str | Path | None = None,
+    sets: list[str] | None = None,
+    n: int = 8,
+    seed: int | None = None,
+) -> list[Path]:
+    """Write the views ``train`` would make from ``n`` images with the same resolved settings
+    (``seed`` None: the run's), as one grid PNG or a directory of PNGs; the files written."""
+    from sslcli.preview import write_views
+
+    flags: dict[str, Any] = {}
+    pairs = {"data.dataset": data, "backbone.name": backbone, "data.image_size": image_size}
+    for key, value in pairs.items():
+        if value is not None:
+            cfg.set_dotted(flags, key, value)
+    _, run, _ = resolve_config(method, config=config, overrides=flags, sets=sets or [])
+    return write_views(run, Path(out), n=n, seed=run.trainer.seed if seed is None else seed)
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 __all__ = [
     "compare",
     "embed",
+    "embeddings_format",
     "report",
     "evaluate",
+    "EvalOptions",
     "export",
     "ConfigError",
     "TrainResult",
@@ -301,4 +344,5 @@ __all__ = [
     "plan",
     "resolve_config",
     "train",
+    "views",
 ]

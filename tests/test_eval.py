@@ -561,7 +561,7 @@ def test_simclr_v2_finetunes_from_a_head_layer(
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--head-layer needs a run or checkpoint of a method" in err
     with pytest.raises(linear_mod.EvalError, match="fine-tuning only"):
-        api.evaluate("linear", v2, head_layer=1, record=False)
+        api.evaluate(api.EvalOptions(protocol="linear", target=v2, head_layer=1, record=False))
 
 
 def test_weights_of_another_layout_are_a_short_one_line_error(

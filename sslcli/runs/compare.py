@@ -384,6 +384,7 @@ def train_methods(
     from sslcli import api
     from sslcli.errors import Interrupted
     from sslcli.eval.api import evaluate
+    from sslcli.eval.options import EvalOptions
 
     root = Path(out) if out else RUNS_DIR / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     shared: dict[str, Any] = {}
@@ -415,7 +416,10 @@ def train_methods(
         if linear and result.knn_trained is not None:
             # kNN ran, so the data has labelled train/test splits: the probe can run too.
             try:
-                evaluate("linear", result.run_dir, device=device or "auto")
+                options = EvalOptions(
+                    protocol="linear", target=result.run_dir, device=device or "auto"
+                )
+                evaluate(options)
             except SSLError as e:
                 failures[name] = f"linear probe: {e}"
                 say(f"compare: {name}: linear probe failed: {e}")
