@@ -122,6 +122,8 @@ def _run(
     no_cache: bool = True,
     **shared: Any,
 ) -> None:
+    # ``no_cache`` defaults to True for fine-tuning, which has no cache flags (it trains on
+    # fresh views, never on cached features).
     from sslcli import api
 
     options = api.EvalOptions(
