@@ -1,7 +1,8 @@
 """``evaluate``: kNN, linear probe or fine-tuning of a run, checkpoint or exported model.
 
-One function behind ``ssl eval knn|linear|finetune`` and ``ssl compare``: it rebuilds the
-target (:mod:`sslcli.runs.targets`), opens the labelled train/test splits (the run's own dataset
+One function behind ``ssl eval knn|linear|finetune`` and ``ssl compare``, asked by one
+:class:`~sslcli.eval.options.EvalOptions`: it rebuilds the target
+(:mod:`sslcli.runs.targets`), opens the labelled train/test splits (the run's own dataset
 unless ``data`` names another), applies a label fraction, runs the protocol and appends the
 result to the run's ``metrics.jsonl`` as ``{"event": "eval", ...}``.
 """
