@@ -1,9 +1,9 @@
 """sslcli: self-supervised visual representation learning from the command line.
 
-The public API: :func:`train`, :func:`evaluate`, :func:`export`, :func:`compare`,
-:func:`embed`, :func:`report`, :func:`list_methods`, :func:`load_method`, :func:`load_timm`,
-:func:`load_heads`, and :class:`Method` / :class:`MethodConfig` for plugin authors. Heavy
-modules are imported on first use so ``import sslcli`` stays cheap.
+The public API: :func:`train`, :func:`evaluate` (with :class:`EvalOptions`), :func:`export`,
+:func:`compare`, :func:`embed`, :func:`report`, :func:`list_methods`, :func:`load_method`,
+:func:`load_timm`, :func:`load_heads`, and :class:`Method` / :class:`MethodConfig` for plugin
+authors. Heavy modules are imported on first use so ``import sslcli`` stays cheap.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ _LAZY = {
     "load_method": "sslcli.api",
     "resolve_config": "sslcli.api",
     "evaluate": "sslcli.api",
+    "EvalOptions": "sslcli.api",
     "export": "sslcli.api",
     "compare": "sslcli.api",
     "embed": "sslcli.api",
     "report": "sslcli.api",
-    "load_embeddings": "sslcli.eval.embed",
+    "load_embeddings": "sslcli.eval.embeddings",
     "load_timm": "sslcli.runs.export",
     "load_heads": "sslcli.runs.heads",
 }

@@ -18,6 +18,7 @@ from sslcli.errors import ConfigError, Interrupted, SSLError, TargetError
 
 if TYPE_CHECKING:
     from sslcli.engine.trainer import TrainResult
+    from sslcli.eval.options import EvalOptions
     from sslcli.method import Method
     from sslcli.registry import MethodStatus
     from sslcli.runs.compare import CompareResult, RunSummary
@@ -189,11 +190,13 @@ def plan(
     return dry.describe(trainer, sources=sources, timm_calls=calls, memory=memory)
 
 
-def evaluate(protocol: str, target: str | Path | None = None, **kw: Any) -> Any:
-    """Evaluate a run/checkpoint/export with ``knn``, ``linear`` or ``finetune``."""
+def evaluate(options: EvalOptions, *, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate a run/checkpoint/export as ``options`` say (``knn``, ``linear`` or
+    ``finetune``); one JSON-able dict. Example:
+    ``evaluate(EvalOptions(protocol="linear", target="runs/simclr-..."))``."""
     from sslcli.eval.api import evaluate as _evaluate
 
-    return _evaluate(protocol, target, **kw)
+    return _evaluate(options, say=say or _quiet)
 
 
 def export(
@@ -256,7 +259,7 @@ def compare(
 
         plot(result.summaries, plot_path)
     if report_path is not None and result.summaries:
-        from sslcli.report import write_compare_report
+        from sslcli.report.compare import write_compare_report
 
         write_compare_report(result.summaries, report_path)
     return result
@@ -315,7 +318,10 @@ def train_methods(
         if linear and result.knn_trained is not None:
             # kNN ran, so the data has labelled train/test splits: the probe can run too.
             try:
-                evaluate("linear", result.run_dir, device=device or "auto")
+                from sslcli.eval.options import EvalOptions
+
+                options = {"protocol": "linear", "target": result.run_dir}
+                evaluate(EvalOptions(**options, device=device or "auto"))
             except SSLError as e:
                 failures[name] = f"linear probe: {e}"
                 say(f"compare: {name}: linear probe failed: {e}")
@@ -325,7 +331,7 @@ def train_methods(
 def embed(target: str | Path | None = None, **kw: Any) -> Any:
     """Embed every image of a dataset (default: the run's own) with ``target``'s encoder.
 
-    Returns :class:`sslcli.eval.embed.Embeddings` (arrays); with ``out=FILE`` the file is
+    Returns :class:`sslcli.eval.embeddings.Embeddings` (arrays); with ``out=FILE`` the file is
     written too (``.safetensors``, ``.npz`` or ``.parquet``). Example:
     ``embed("runs/simclr-...", data="photos/", neighbors=8).neighbors``.
     """
@@ -334,9 +340,17 @@ def embed(target: str | Path | None = None, **kw: Any) -> Any:
     return _embed(target, **kw)
 
 
+def embeddings_format(path: str | Path) -> str:
+    """The embeddings file format ``path``'s extension names; a one-line error for any other
+    (checked before anything is loaded)."""
+    from sslcli.eval.embeddings import format_of
+
+    return format_of(path)
+
+
 def report(run: str | Path | None = None, out: str | Path = "report.html", **kw: Any) -> Any:
     """Write one self-contained HTML report of a run (curves, neighbours, a 2-D map)."""
-    from sslcli.report import write_report
+    from sslcli.report.run import write_report
 
     return write_report(run, out, **kw)
 
@@ -363,6 +377,47 @@ def comparison_table(summaries: Sequence[RunSummary]) -> Any:
     return rich_table(summaries)
 
 
+def views(
+    method: str | None = None,
+    *,
+    out: str | Path,
+    data: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    config: str | Path | None = None,
+    sets: list[str] | None = None,
+    n: int = 8,
+    seed: int | None = None,
+) -> list[Path]:
+    """Write the views ``train`` would make from ``n`` images with the same resolved settings
+    (``seed`` None: the run's), as one grid PNG or a directory of PNGs; the files written."""
+    from sslcli import settings
+    from sslcli.preview import write_views
+
+    flags: dict[str, Any] = {}
+    pairs = {("data", "dataset"): data, ("backbone", "name"): backbone,
+             ("data", "image_size"): image_size}  # fmt: skip
+    for (section, key), value in pairs.items():
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    _, run, _ = settings.resolve_config(method, config=config, overrides=flags, sets=sets or [])
+    return write_views(run, Path(out), n=n, seed=run.trainer.seed if seed is None else seed)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def __getattr__(name: str) -> Any:
+    # EvalOptions validates against the evaluation modules (torch and all): imported when
+    # first asked for, so that `ssl --help` and the error boundary stay light.
+    if name == "EvalOptions":
+        from sslcli.eval.options import EvalOptions
+
+        return EvalOptions
+    raise AttributeError(f"module 'sslcli.api' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "Interrupted",
@@ -373,7 +428,10 @@ __all__ = [
     "comparison_table",
     "describe_backbones",
     "embed",
+    "embeddings_format",
+    "report",
     "evaluate",
+    "EvalOptions",
     "export",
     "latest_run",
     "list_methods",
@@ -387,4 +445,5 @@ __all__ = [
     "resolve_config",
     "train",
     "train_methods",
+    "views",
 ]

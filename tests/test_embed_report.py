@@ -25,10 +25,13 @@ from sslcli import api
 from sslcli.cli.app import main
 from sslcli.data.datasets import UnreadableImageWarning, open_dataset
 from sslcli.eval import cache as feature_cache
-from sslcli.eval import embed as embed_mod
-from sslcli.eval.embed import Embeddings, embed, load_embeddings
+from sslcli.eval import embeddings as embeddings_mod
+from sslcli.eval.embed import embed
+from sslcli.eval.embeddings import Embeddings, load_embeddings
 from sslcli.eval.neighbors import nearest
-from sslcli.report import COMPARE_SECTIONS, SECTIONS, pick_queries, write_report
+from sslcli.report.compare import COMPARE_SECTIONS
+from sslcli.report.gather import pick_queries
+from sslcli.report.run import SECTIONS, write_report
 from sslcli.runs.targets import load_target
 from sslcli.runtime import pick_device
 
@@ -122,7 +125,7 @@ def test_every_format_round_trips(
     mem = embed(run_dir, **kw)
     out = tmp_path / f"e{ext}"
     # Write 8 KB at a time: every array crosses many chunk boundaries on its way to disk.
-    monkeypatch.setattr(embed_mod, "CHUNK_BYTES", 8 << 10)
+    monkeypatch.setattr(embeddings_mod, "CHUNK_BYTES", 8 << 10)
     disk = embed(run_dir, out=out, **kw)
     back = load_embeddings(out)
     for e in (disk, back):
@@ -328,7 +331,7 @@ def test_views_section_draws_the_runs_views_with_its_seed(
 ) -> None:
     import sslcli.preview
     from sslcli.config import RunConfig
-    from sslcli.report import _views_section
+    from sslcli.report.sections import views_section
 
     png = base64.b64decode(
         "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -342,7 +345,7 @@ def test_views_section_draws_the_runs_views_with_its_seed(
     monkeypatch.setattr(sslcli.preview, "views_grid_png", views_grid_png)
     saved = json.loads((run_dir / "config.json").read_text())
     saved["trainer"]["seed"] = 7
-    html = _views_section(saved)
+    html = views_section(saved)
     assert base64.b64encode(png).decode() in html
     assert seen["n"] == 8 and seen["seed"] == 7
     settings = {k: v for k, v in saved.items() if k != "plugin"}  # a record, not a setting

@@ -470,6 +470,34 @@ def test_bad_targets_and_data_are_one_line_errors(
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"protocol": "svm"}, "unknown protocol 'svm'"),
+        ({"protocol": "knn", "holdout": 1.0}, "--holdout must be in (0, 1)"),
+        ({"protocol": "knn", "k": 0}, "--k must be >= 1"),
+        ({"protocol": "knn", "temperature": 0.0}, "--temperature > 0"),
+        ({"protocol": "finetune", "wds": "0,0.1"}, "one --wd value"),
+        ({"protocol": "linear", "head_layer": 1}, "fine-tuning only"),
+        ({"protocol": "knn", "k": "many"}, "k: "),
+        ({"protocol": "knn", "kk": 5}, "kk: unknown option"),
+    ],
+)
+def test_eval_options_fail_in_one_line_before_anything_loads(
+    fields: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(linear_mod.EvalError) as e:
+        api.EvalOptions(**fields)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_eval_options_fill_the_protocols_defaults() -> None:
+    linear = api.EvalOptions(protocol="linear", lrs="0.1, 1", wds=None)
+    assert linear.lrs == [0.1, 1.0] and linear.wds == [0.0]
+    assert api.EvalOptions(protocol="linear").lrs == [0.01, 0.03, 0.1, 0.3, 1.0]
+    assert api.EvalOptions(protocol="finetune").lrs == [0.05]
+
+
 def test_finetune_trains_a_copy_of_the_whole_encoder(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,7 +589,7 @@ def test_simclr_v2_finetunes_from_a_head_layer(
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--head-layer needs a run or checkpoint of a method" in err
     with pytest.raises(linear_mod.EvalError, match="fine-tuning only"):
-        api.evaluate("linear", v2, head_layer=1, record=False)
+        api.evaluate(api.EvalOptions(protocol="linear", target=v2, head_layer=1, record=False))
 
 
 def test_weights_of_another_layout_are_a_short_one_line_error(

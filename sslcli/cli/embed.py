@@ -1,4 +1,4 @@
-"""``ssl embed [TARGET] --data D --out FILE``: parse flags, call :func:`sslcli.eval.embed.embed`."""
+"""``ssl embed [TARGET] --data D --out FILE``: parse flags, call :func:`sslcli.api.embed`."""
 
 from __future__ import annotations
 
@@ -61,12 +61,11 @@ def embed(
     ),
 ) -> None:
     """Embed every image of a dataset with a trained encoder, into one file."""
-    from sslcli.eval.embed import embed as do_embed
-    from sslcli.eval.embed import format_of
+    from sslcli import api
 
-    format_of(out_file)  # a wrong extension fails before anything is loaded
+    api.embeddings_format(out_file)  # a wrong extension fails before anything is loaded
     with _progress() as advance:
-        res = do_embed(
+        res = api.embed(
             target, data=data, out=out_file, split=split, which=which, normalize=normalize,
             dtype=dtype, neighbors=neighbors, device=device, batch_size=batch_size,
             num_workers=workers, max_bad_fraction=max_bad_fraction,

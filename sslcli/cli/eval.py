@@ -1,8 +1,11 @@
-"""``ssl eval knn|linear|finetune [TARGET]``: parse flags, call :func:`sslcli.eval.api.evaluate`."""
+"""``ssl eval knn|linear|finetune [TARGET]``: parse flags into :class:`sslcli.api.EvalOptions`,
+call :func:`sslcli.api.evaluate`, print the result."""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -25,56 +28,109 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
-# -- shared arguments -------------------------------------------------------------------------
-TARGET = typer.Argument(
-    None,
-    help="Run directory, checkpoint file or exported directory (default: the most recent "
-    "run under ./runs).",
-    show_default=False,
-)
-DATA = typer.Option(
-    None, "--data", "-d", help="'digits', DIR or format:DIR (default: the run's own data)."
-)
-WHICH = typer.Option(
-    None,
-    "--which",
-    help="Representation to evaluate. Default: the method's evaluated encoder's pooled "
-    "backbone feature (DINO: the teacher; CMC: both encoders). Others by name: student "
-    "(DINO), key_backbone (MoCo v1/v2), momentum_backbone (MoCo v3), target_backbone "
-    "(BYOL), l | ab (CMC), embedding (InstDisc, InvaSpread: the 128-d unit embedding "
-    "their published kNN numbers use).",
-)
-FRACTION = typer.Option(
-    None,
-    "--label-fraction",
-    help="Use a fixed, class-balanced fraction of the training labels (0.01, 0.1).",
-)
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
-BATCH = typer.Option(256, "--batch-size", help="Images per feature-extraction batch.")
-WORKERS = typer.Option(0, "--workers", help="Decoding workers for folder datasets.")
-NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the feature cache.")
-CACHE_DIR = typer.Option(
-    None, "--cache-dir", help="Feature cache (default: <run>/eval-cache or ~/.cache/sslcli)."
-)
-JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
-NO_RECORD = typer.Option(
-    False, "--no-record", help="Do not append the result to the run's metrics.jsonl."
-)
-
-
-def _run(protocol: str, **kwargs: Any) -> None:
-    from sslcli.eval.api import evaluate
-
-    as_json = kwargs.pop("as_json")
-    no_record = kwargs.pop("no_record")
-    no_cache = kwargs.pop("no_cache")
-    result = evaluate(
-        protocol,  # type: ignore[arg-type]
-        record=not no_record,
-        use_cache=not no_cache,
-        say=lambda m: err.print(m, markup=False, highlight=False),
-        **kwargs,
+def _flag(name: str, annotation: type, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
     )
+
+
+# -- the flags every protocol takes: TARGET and --data first, the rest after its own -----------
+HEAD = [
+    _flag("target", str, typer.Argument(
+        None,
+        help="Run directory, checkpoint file or exported directory (default: the most recent "
+        "run under ./runs).",
+        show_default=False,
+    )),
+    _flag("data", str, typer.Option(
+        None, "--data", "-d", help="'digits', DIR or format:DIR (default: the run's own data)."
+    )),
+]  # fmt: skip
+TAIL = [
+    _flag("which", str, typer.Option(
+        None,
+        "--which",
+        help="Representation to evaluate. Default: the method's evaluated encoder's pooled "
+        "backbone feature (DINO: the teacher; CMC: both encoders). Others by name: student "
+        "(DINO), key_backbone (MoCo v1/v2), momentum_backbone (MoCo v3), target_backbone "
+        "(BYOL), l | ab (CMC), embedding (InstDisc, InvaSpread: the 128-d unit embedding "
+        "their published kNN numbers use).",
+    )),
+    _flag("label_fraction", float, typer.Option(
+        None,
+        "--label-fraction",
+        help="Use a fixed, class-balanced fraction of the training labels (0.01, 0.1).",
+    )),
+    _flag("device", str, typer.Option("auto", "--device", help="auto | cpu | cuda")),
+    _flag("batch_size", int, typer.Option(
+        256, "--batch-size", help="Images per feature-extraction batch."
+    )),
+    _flag("workers", int, typer.Option(
+        0, "--workers", help="Decoding workers for folder datasets."
+    )),
+    _flag("no_cache", bool, typer.Option(
+        False, "--no-cache", help="Do not read or write the feature cache."
+    )),
+    _flag("cache_dir", str, typer.Option(
+        None, "--cache-dir", help="Feature cache (default: <run>/eval-cache or ~/.cache/sslcli)."
+    )),
+    _flag("as_json", bool, typer.Option(
+        False, "--json", help="Print one JSON object on stdout instead of a table."
+    )),
+    _flag("no_record", bool, typer.Option(
+        False, "--no-record", help="Do not append the result to the run's metrics.jsonl."
+    )),
+]  # fmt: skip
+CACHE_FLAGS = ("no_cache", "cache_dir")
+
+
+def _command(
+    protocol: str, *, cache: bool = True
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Register the decorated function as ``ssl eval PROTOCOL``.
+
+    It declares only the protocol's own flags and returns them as
+    :class:`~sslcli.api.EvalOptions` fields; the command's signature (which typer reads) is
+    TARGET and --data, those flags, then the shared ones (the cache flags only with
+    ``cache``: fine-tuning reads no cached features)."""
+
+    def decorate(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        tail = [p for p in TAIL if cache or p.name not in CACHE_FLAGS]
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())
+        params = [*HEAD, *own, *tail]
+
+        def command(**flags: Any) -> None:
+            shared = {p.name: flags.pop(p.name) for p in (*HEAD, *tail)}
+            _run(protocol, fn(**flags), **shared)
+
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        eval_app.command(protocol)(command)
+        return fn
+
+    return decorate
+
+
+def _run(
+    protocol: str,
+    own: dict[str, Any],
+    *,
+    workers: int,
+    as_json: bool,
+    no_record: bool,
+    no_cache: bool = True,
+    **shared: Any,
+) -> None:
+    # ``no_cache`` defaults to True for fine-tuning, which has no cache flags (it trains on
+    # fresh views, never on cached features).
+    from sslcli import api
+
+    options = api.EvalOptions(
+        protocol=protocol, num_workers=workers, use_cache=not no_cache, record=not no_record,
+        **shared, **own,
+    )  # fmt: skip
+    result = api.evaluate(options, say=lambda m: err.print(m, markup=False, highlight=False))
     if as_json:
         out.out(json.dumps(result), highlight=False)
         return
@@ -128,35 +184,17 @@ def show(r: dict[str, Any]) -> None:
         out.print(s)
 
 
-@eval_app.command("knn")
+@_command("knn")
 def knn(
-    target: str = TARGET,
-    data: str = DATA,
     k: int = typer.Option(200, "--k", help="Neighbours (k=20, DINO's value, is reported too)."),
     temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(sim/T)."),
-    which: str = WHICH,
-    label_fraction: float = FRACTION,
-    device: str = DEVICE,
-    batch_size: int = BATCH,
-    workers: int = WORKERS,
-    no_cache: bool = NO_CACHE,
-    cache_dir: str = CACHE_DIR,
-    as_json: bool = JSON,
-    no_record: bool = NO_RECORD,
-) -> None:
+) -> dict[str, Any]:
     """Weighted kNN on frozen features (cosine similarity, chunked)."""
-    _run(
-        "knn", target=target, data=data, k=k, temperature=temperature, which=which,
-        label_fraction=label_fraction, device=device, batch_size=batch_size,
-        num_workers=workers, no_cache=no_cache, cache_dir=cache_dir, as_json=as_json,
-        no_record=no_record,
-    )  # fmt: skip
+    return {"k": k, "temperature": temperature}
 
 
-@eval_app.command("linear")
+@_command("linear")
 def linear(
-    target: str = TARGET,
-    data: str = DATA,
     lr: str = typer.Option(
         "0.01,0.03,0.1,0.3,1.0",
         "--lr",
@@ -174,30 +212,16 @@ def linear(
         "papers' protocol; slower) instead of training on cached features.",
     ),
     seed: int = typer.Option(0, "--seed"),
-    which: str = WHICH,
-    label_fraction: float = FRACTION,
-    device: str = DEVICE,
-    batch_size: int = BATCH,
-    workers: int = WORKERS,
-    no_cache: bool = NO_CACHE,
-    cache_dir: str = CACHE_DIR,
-    as_json: bool = JSON,
-    no_record: bool = NO_RECORD,
-) -> None:
+) -> dict[str, Any]:
     """Linear probe on frozen features; hyper-parameters chosen without the test split."""
-    _run(
-        "linear", target=target, data=data, lrs=lr, wds=wd, epochs=epochs,
-        train_batch_size=train_batch_size, holdout=holdout, augment=augment, seed=seed,
-        which=which, label_fraction=label_fraction, device=device, batch_size=batch_size,
-        num_workers=workers, no_cache=no_cache, cache_dir=cache_dir, as_json=as_json,
-        no_record=no_record,
-    )  # fmt: skip
+    return {
+        "lrs": lr, "wds": wd, "epochs": epochs, "train_batch_size": train_batch_size,
+        "holdout": holdout, "augment": augment, "seed": seed,
+    }  # fmt: skip
 
 
-@eval_app.command("finetune")
+@_command("finetune", cache=False)
 def finetune(
-    target: str = TARGET,
-    data: str = DATA,
     lr: str = typer.Option(
         "0.05", "--lr", help="Base learning rate(s) per 256 images (SimCLR: 0.05)."
     ),
@@ -214,20 +238,10 @@ def finetune(
         help="SimCLR v2: fine-tune from this projection-head layer (0 = backbone only; "
         "default: the method's method.finetune_layer, 1).",
     ),
-    which: str = WHICH,
-    label_fraction: float = FRACTION,
-    device: str = DEVICE,
-    batch_size: int = BATCH,
-    workers: int = WORKERS,
-    as_json: bool = JSON,
-    no_record: bool = NO_RECORD,
-) -> None:
+) -> dict[str, Any]:
     """Fine-tune the whole encoder with a new linear head (semi-supervised with
     --label-fraction)."""
-    _run(
-        "finetune", target=target, data=data, lrs=lr, wds=[wd], epochs=epochs,
-        head_layer=head_layer,
-        train_batch_size=train_batch_size, holdout=holdout, seed=seed, which=which,
-        label_fraction=label_fraction, device=device, batch_size=batch_size,
-        num_workers=workers, no_cache=True, as_json=as_json, no_record=no_record,
-    )  # fmt: skip
+    return {
+        "lrs": lr, "wds": [wd], "epochs": epochs, "train_batch_size": train_batch_size,
+        "holdout": holdout, "seed": seed, "head_layer": head_layer,
+    }  # fmt: skip

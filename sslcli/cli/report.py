@@ -1,4 +1,4 @@
-"""``ssl report [RUN] --out report.html``: parse flags, call :func:`sslcli.report.write_report`."""
+"""``ssl report [RUN] --out report.html``: parse flags, call :func:`sslcli.api.report`."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def report(
 ) -> None:
     """Write one self-contained HTML report of a run: settings, curves, evaluations, views,
     nearest neighbours and a 2-D map of the embeddings."""
-    from sslcli.report import write_report
+    from sslcli import api
 
-    path = write_report(
+    path = api.report(
         run, out_file, data=data, which=which, queries=queries, top=top, map_method=map_method,
         map_points=map_points, device=device, batch_size=batch_size, num_workers=workers,
         say=lambda m: err.print(m, markup=False, highlight=False),

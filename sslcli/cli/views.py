@@ -1,9 +1,8 @@
-"""``ssl views METHOD --out grid.png|DIR``: parse flags, call :func:`sslcli.preview.write_views`."""
+"""``ssl views METHOD --out grid.png|DIR``: parse flags, call :func:`sslcli.api.views`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -31,16 +30,10 @@ def views(
 ) -> None:
     """Write the views 'ssl train' would make from N images, with the same settings."""
     from sslcli import api
-    from sslcli.config import set_dotted
-    from sslcli.preview import write_views
 
-    flags: dict[str, Any] = {}
-    pairs = {"data.dataset": data, "backbone.name": backbone, "data.image_size": image_size}
-    for key, value in pairs.items():
-        if value is not None:
-            set_dotted(flags, key, value)
-    _, run, _ = api.resolve_config(method, config=config, overrides=flags, sets=sets or [])
-    seed = run.trainer.seed if seed is None else seed
-    written = write_views(run, out_path, n=n, seed=seed)
+    written = api.views(
+        method, out=out_path, data=data, backbone=backbone, image_size=image_size,
+        config=config, sets=sets, n=n, seed=seed,
+    )  # fmt: skip
     where = out_path if len(written) == 1 else f"{len(written)} pictures in {out_path}"
     out.print(f"wrote {where}")
