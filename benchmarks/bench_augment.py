@@ -47,7 +47,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
-from sslcli.data.augment import ViewPipeline, blur_kernel_size
+from sslcli.data.augment import ViewPipeline
+from sslcli.data.photometric import blur_kernel_size
 from sslcli.data.views import ViewSpec
 
 

@@ -15,7 +15,7 @@ from scipy import stats
 
 from sslcli import api
 from sslcli.data import gpu_decode
-from sslcli.data.augment import ViewPipeline, sample_crop_boxes
+from sslcli.data.augment import ViewPipeline
 from sslcli.data.crops import (
     CropDataset,
     CropPlan,
@@ -26,6 +26,7 @@ from sslcli.data.crops import (
 )
 from sslcli.data.datasets import open_dataset
 from sslcli.data.decode import decode_image_file
+from sslcli.data.geometric import sample_crop_boxes
 from sslcli.data.views import ViewSpec
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

@@ -83,7 +83,7 @@ def crop_box(
     the first box that fits is placed at a uniformly random integer position; when none
     fits, the central crop of the largest box the ratio range allows. ``u[0:10]`` are the
     areas, ``u[10:20]`` the log-ratios, ``u[20]``/``u[21]`` the top/left positions; the
-    batched :func:`sslcli.data.augment.sample_crop_boxes` uses the same layout.
+    batched :func:`sslcli.data.geometric.sample_crop_boxes` uses the same layout.
     """
     area = float(height * width)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
