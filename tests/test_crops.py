@@ -304,7 +304,7 @@ def test_device_cache_gets_its_batch_indices_on_its_device() -> None:
     GPU here."""
     from types import SimpleNamespace
 
-    from sslcli.data.loader import index_on
+    from sslcli.data.cache import index_on
     from sslcli.engine.trainer import Trainer
 
     seen: list[torch.device] = []

@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sslcli.data.images import FileImageDataset
 from sslcli.data.views import ViewSpec, expand
 
 # Uniform numbers one box draw consumes: 10 areas, 10 log-ratios, the top and left offsets.
@@ -204,8 +205,6 @@ class CropDataset(Dataset[tuple[Crops, int, int]]):
     """
 
     def __init__(self, base: object, plan: CropPlan, epoch: int) -> None:
-        from sslcli.data.datasets import FileImageDataset
-
         if not isinstance(base, FileImageDataset):
             raise TypeError(f"CropDataset needs a FileImageDataset, got {type(base).__name__}")
         self.base = base
@@ -217,7 +216,7 @@ class CropDataset(Dataset[tuple[Crops, int, int]]):
 
     def __getitem__(self, i: int) -> tuple[Crops, int, int]:
         base = self.base
-        i = base._index(i)
+        i = base.check_index(i)
         return base.read(i, lambda img: crop_views_pil(img, self.plan, self.epoch, i))
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sslcli.data.datasets import ImageDataset
+from sslcli.data.images import ImageDataset
 
 LABEL_SUBSET_SEED = 0
 HOLDOUT_SEED = 1
