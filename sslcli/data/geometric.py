@@ -8,14 +8,12 @@ parameters per sample (see :mod:`sslcli.data.augment` for the rules the code kee
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from sslcli.data.sampling import per_sample, uniform01
-
-Interpolation = Literal["bilinear", "bicubic"]
+from sslcli.data.views import Interpolation
 
 
 def sample_crop_boxes(
