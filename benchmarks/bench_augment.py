@@ -47,8 +47,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
-from sslcli.data.augment import ViewPipeline, blur_kernel_size
-from sslcli.data.views import ViewSpec
+from sslcli.data.augment import ViewPipeline
+from sslcli.data.photometric import blur_kernel_size
+from sslcli.data.views import ViewSpec, simclr_views
 
 
 def usable_cores() -> int:
@@ -59,22 +60,9 @@ def usable_cores() -> int:
 
 
 def simclr_spec(size: int, interpolation: str) -> ViewSpec:
-    return ViewSpec(
-        count=2,
-        size=size,
-        scale=(0.08, 1.0),
-        interpolation=interpolation,  # type: ignore[arg-type]
-        flip_p=0.5,
-        jitter_p=0.8,
-        brightness=0.8,
-        contrast=0.8,
-        saturation=0.8,
-        hue=0.2,
-        grayscale_p=0.2,
-        blur_p=0.5,
-        blur_kernel_frac=0.1,
-        normalize=True,
-    )
+    """SimCLR's ImageNet views (two per image), normalised as torchvision pipelines are."""
+    (spec,) = simclr_views(size, interpolation=interpolation, normalize=True)  # type: ignore[arg-type]
+    return spec
 
 
 def torchvision_transform(spec: ViewSpec) -> v2.Compose:

@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_jpegs(root, n, args.jpeg_size)
     print(f"wrote {n} JPEGs (~{args.jpeg_size}px) to {root} in {time.perf_counter() - t0:.1f}s")
 
+    from sslcli.data.cache import CachedDataset
     from sslcli.data.gpu_decode import JpegDecoder, use_gpu_decode
-    from sslcli.data.loader import CachedDataset, DevicePrefetcher
+    from sslcli.data.loader import DevicePrefetcher
 
     trainer = build_trainer(args, f"folder:{root}", device)
     workers = args.workers

@@ -29,10 +29,7 @@ from sslcli.backbones import (
 )
 from sslcli.data.views import ViewSpec, asymmetric_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.heads import MLP
-from sslcli.nn.regression import byol_loss, mean_cosine
-from sslcli.nn.schedules import cosine_increase
+from sslcli.nn import MLP, byol_loss, cosine_momentum, ema_update_pairs_, mean_cosine, momentum_copy
 
 # -- shared parts -----------------------------------------------------------------------------
 
@@ -47,16 +44,6 @@ def byol_head(width: int, hidden: int, out: int) -> nn.Module:
     layer and none on the last.
     """
     return MLP([width, hidden, out], bias=True, last_bias=False)
-
-
-def target_momentum(step: int, total_steps: int, base: float) -> float:
-    """BYOL's target decay rate at global step ``k``: ``1 − (1 − τ_base)(cos(πk/K) + 1)/2``.
-
-    "we start from τ_base = 0.996 and increase τ to one during training. Specifically, we
-    set τ ≜ 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 with k the current training step and K the
-    maximum number of training steps" (Grill et al. 2020, Sec. 3.3).
-    """
-    return cosine_increase(step, total_steps, base, 1.0)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -165,7 +152,7 @@ class BYOL(Method):
             t2 = self.target(x2)
         loss = byol_loss(p1, p2, t1, t2)
         logs: dict[str, Tensor | float] = {
-            "tau": target_momentum(step.step, step.total_steps, self.config.base_momentum),
+            "tau": cosine_momentum(step.step, step.total_steps, self.config.base_momentum),
             "cos": mean_cosine(p1.detach(), t2),
         }
         return StepOutput(
@@ -176,14 +163,16 @@ class BYOL(Method):
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
         """ξ ← τ·ξ + (1 − τ)·θ over encoder and projector (Grill et al. 2020, Sec. 3.1)."""
-        ema_update_(self.target.backbone, self.backbone, tau)
-        ema_update_(self.target.projector, self.projector, tau)
+        ema_update_pairs_(
+            [(self.target.backbone, self.backbone), (self.target.projector, self.projector)], tau
+        )
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         # "after each training step we perform the following update, ξ ← τξ + (1 − τ)θ"
         # (Sec. 3.1): θ here is what the optimiser has just produced, as in the official
-        # update function, and τ is that of the step just taken (k, counted from 0).
-        self.update_target(target_momentum(step.step, step.total_steps, self.config.base_momentum))
+        # update function, and τ is that of the step just taken (k, counted from 0), rising
+        # from τ_base to 1 along half a cosine (Sec. 3.3).
+        self.update_target(cosine_momentum(step.step, step.total_steps, self.config.base_momentum))
 
     def export_candidates(self) -> dict[str, nn.Module]:
         # BYOL evaluates the online encoder; the target is its smoother average.

@@ -33,14 +33,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, BackboneSpec, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, crop_views
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn.colorspace import luma_chroma_views
-from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import (
+from sslcli.nn import (
+    DeferredBankWrites,
+    MemoryBank,
     NCELoss,
     default_noise_count,
+    luma_chroma_views,
     noise_count_warning,
     sample_noise_indices,
     sampled_softmax_loss,
@@ -139,24 +140,14 @@ class CMC(Method):
         # One Z per direction, as the official params[2] (Z_l) and params[3] (Z_ab).
         self.nce_l = NCELoss(dataset_size, c.temperature, c.z_momentum)
         self.nce_ab = NCELoss(dataset_size, c.temperature, c.z_momentum)
-        # This step's features, applied to the banks after the optimiser step (not state).
-        self._pending: tuple[Tensor, Tensor, Tensor, bool] | None = None
+        # This step's features, applied to the banks after the optimiser step.
+        self.bank_writes = DeferredBankWrites()
 
     def views(self) -> list[ViewSpec]:
-        c = self.config
         # train_CMC.py: RandomResizedCrop → flip → Lab; no colour jitter, no grayscale.
         # Un-normalised, because the colour conversion needs [0, 1] RGB.
-        return [
-            ViewSpec(
-                count=1,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                flip_p=0.5,
-                jitter_p=0.0,
-                grayscale_p=0.0,
-                normalize=False,
-            )
-        ]
+        size = self.backbone.sslcli_spec.image_size
+        return crop_views(size, (self.config.crop_min_scale, 1.0), normalize=False)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[0, 1] RGB → the normalised (L, ab) or (Y, CbCr) inputs of the two encoders."""
@@ -186,18 +177,14 @@ class CMC(Method):
                 logs["ab_acc"] = (logits_ab.argmax(dim=1) == 0).float().mean()
         logs["l_loss"] = loss_l.detach()
         logs["ab_loss"] = loss_ab.detach()
-        self._pending = (
-            batch.index.detach(), f_l.detach(), f_ab.detach(), batch.index_distinct
+        self.bank_writes.stage(
+            batch.index, batch.index_distinct, (self.memory_l, f_l), (self.memory_ab, f_ab)
         )
         return StepOutput(loss=loss_l + loss_ab, logs=logs, embedding=f_l.detach())
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         # Rows were read for this step's loss; now each bank takes its own view's features.
-        if self._pending is not None:
-            index, f_l, f_ab, distinct = self._pending
-            self._pending = None
-            self.memory_l.update(index, f_l, distinct)
-            self.memory_ab.update(index, f_ab, distinct)
+        self.bank_writes.flush()
 
     # -- evaluation and export ------------------------------------------------------------------
     def encoder(self) -> nn.Module:

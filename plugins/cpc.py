@@ -89,11 +89,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sslcli.backbones import Backbone, BackboneSpec, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, crop_views
 from sslcli.errors import BackboneError, ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn import dist
-from sslcli.nn.tiny_maps import centre_tap_on_tiny_maps
+from sslcli.nn import centre_tap_on_tiny_maps, dist
 
 Direction = Literal["top-down", "bottom-up", "left-right", "right-left"]
 # torch.rot90(grid, r, dims=(-2, -1)) turns each direction into "top-down" on the rotated
@@ -380,17 +379,8 @@ class CPC(Method):
     def views(self) -> list[ViewSpec]:
         s = self.config.crop_scale
         # One square crop; the augmentation that matters happens per patch.
-        return [
-            ViewSpec(
-                count=1,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(s, s),
-                ratio=(1.0, 1.0),
-                flip_p=0.0,
-                jitter_p=0.0,
-                grayscale_p=0.0,
-            )
-        ]
+        size = self.backbone.sslcli_spec.image_size
+        return crop_views(size, (s, s), ratio=(1.0, 1.0), flip_p=0.0)
 
     def encode_grid(self, x: Tensor, augment: bool = False) -> Tensor:
         """Images ``[B, 3, S, S]`` → patch features ``[B, D, G, G]``."""

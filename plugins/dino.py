@@ -33,8 +33,6 @@ student", Sec. 5.2): :meth:`DINO.encoder` returns it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -42,18 +40,17 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim, is_vit_name
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, dino_views, local_crop_size
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn import dist
-from sslcli.nn.dino_head import (
+from sslcli.nn import (
     DINOHead,
-    local_crop_size,
-    multicrop_blur_frac,
+    cosine_momentum,
+    dist,
+    ema_update_pairs_,
+    momentum_copy,
     multicrop_forward,
     patch_size,
 )
-from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.schedules import cosine_increase
 
 # -- the loss and its schedules -----------------------------------------------------------------
 
@@ -122,12 +119,6 @@ def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float
     if warmup_epochs == 1:
         return start
     return start + (end - start) * epoch / (warmup_epochs - 1)
-
-
-def teacher_momentum(step: int, total_steps: int, base: float) -> float:
-    """ "The teacher weights are updated with a cosine schedule from 0.996 to 1 during
-    training" (Caron et al. 2021, Sec. 3.1): ``1 − (1 − base)(cos(πk/K) + 1)/2``."""
-    return cosine_increase(step, total_steps, base, 1.0)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -316,43 +307,14 @@ class DINO(Method):
         size = self.backbone.sslcli_spec.image_size
         local = c.local_crops_size or local_crop_size(size, patch_size(self.backbone))
         g_scale, l_scale = self.crop_scales()
-        common: dict[str, Any] = dict(
-            interpolation="bicubic",
-            jitter_p=0.8,
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.2,
-            hue=0.1,
-            grayscale_p=0.2,
+        # Global crop 1 always blurred; global crop 2 rarely blurred, sometimes solarised.
+        return dino_views(
+            size,
+            local,
+            global_scale=g_scale,
+            local_count=c.local_crops_number,
+            local_scale=l_scale,
         )
-        g_blur = multicrop_blur_frac(size, size)
-        specs = [
-            # Global crop 1 always blurred; global crop 2 rarely blurred, sometimes solarised.
-            ViewSpec(
-                count=1, size=size, scale=g_scale, blur_p=1.0, blur_kernel_frac=g_blur, **common
-            ),
-            ViewSpec(
-                count=1,
-                size=size,
-                scale=g_scale,
-                blur_p=0.1,
-                blur_kernel_frac=g_blur,
-                solarize_p=0.2,
-                **common,
-            ),
-        ]
-        if c.local_crops_number:
-            specs.append(
-                ViewSpec(
-                    count=c.local_crops_number,
-                    size=local,
-                    scale=l_scale,
-                    blur_p=0.5,
-                    blur_kernel_frac=multicrop_blur_frac(local, size),
-                    **common,
-                )
-            )
-        return specs
 
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
@@ -383,9 +345,10 @@ class DINO(Method):
                 p.grad = None
 
     def after_optimizer_step(self, step: StepInfo) -> None:
-        m = teacher_momentum(step.step, step.total_steps, self.config.momentum_teacher)
-        ema_update_(self.teacher_backbone, self.backbone, m)
-        ema_update_(self.teacher_head, self.head, m)
+        # "The teacher weights are updated with a cosine schedule from 0.996 to 1" (Sec. 3.1).
+        m = cosine_momentum(step.step, step.total_steps, self.config.momentum_teacher)
+        pairs = [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
+        ema_update_pairs_(pairs, m)
 
     # -- evaluation and export ----------------------------------------------------------------
     def encoder(self) -> nn.Module:

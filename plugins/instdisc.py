@@ -24,15 +24,16 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, instdisc_views
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn.heads import UnitEmbedding
-from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.nce import (
+from sslcli.nn import (
     OFFICIAL_NCE_K,
     SMALL_DATA_SET,
+    DeferredBankWrites,
+    MemoryBank,
     NCELoss,
+    UnitEmbedding,
     bank_softmax_loss,
     noise_count_warning,
     sample_noise_indices,
@@ -125,28 +126,16 @@ class InstDisc(Method):
         self.head = nn.Linear(feature_dim(backbone), config.proj_dim)
         self.memory = MemoryBank(dataset_size, config.proj_dim, config.bank_momentum)
         self.nce = NCELoss(dataset_size, config.temperature, config.z_momentum)
-        # The features of the current step wait here until after the optimiser step: the
-        # softmax variant's backward still needs the bank as it was when it was read. Not
-        # state: it lives from training_step to after_optimizer_step of the same step.
-        self._pending: tuple[Tensor, Tensor, bool] | None = None
+        # The features of the current step wait until after the optimiser step: the
+        # softmax variant's backward still needs the bank as it was when it was read.
+        self.bank_writes = DeferredBankWrites()
 
     def views(self) -> list[ViewSpec]:
         c = self.config
-        return [
-            ViewSpec(
-                count=1,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                flip_p=c.flip_p,
-                grayscale_p=0.2,
-                grayscale_first=c.grayscale_first,
-                jitter_p=1.0,
-                brightness=0.4,
-                contrast=0.4,
-                saturation=0.4,
-                hue=0.4,
-            )
-        ]
+        size = self.backbone.sslcli_spec.image_size
+        return instdisc_views(
+            size, c.crop_min_scale, flip_p=c.flip_p, grayscale_first=c.grayscale_first
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """The unit 128-d embedding f = n(W·encoder(x) + b)."""
@@ -172,13 +161,10 @@ class InstDisc(Method):
             loss, logits = bank_softmax_loss(f, self.memory.bank, batch.index, c.temperature)
             with torch.no_grad():
                 logs["acc"] = (logits.argmax(dim=1) == batch.index).float().mean()
-        self._pending = (batch.index.detach(), f.detach(), batch.index_distinct)
+        self.bank_writes.stage(batch.index, batch.index_distinct, (self.memory, f))
         return StepOutput(loss=loss, logs=logs, embedding=f.detach())
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         # The official update order: rows were read for this step's loss, now they take
         # the new features ("v_i ← m·v_i + (1 − m)·f_i", then normalised).
-        if self._pending is not None:
-            index, f, distinct = self._pending
-            self._pending = None
-            self.memory.update(index, f, distinct)
+        self.bank_writes.flush()

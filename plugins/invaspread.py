@@ -28,10 +28,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, invaspread_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn import dist
-from sslcli.nn.heads import UnitEmbedding
+from sslcli.nn import UnitEmbedding, dist
 
 
 def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -125,23 +124,9 @@ class InvaSpread(Method):
         self.head = nn.Linear(feature_dim(backbone), config.proj_dim)
 
     def views(self) -> list[ViewSpec]:
-        c = self.config
         # demo_seen.py: RandomResizedCrop(0.2–1) → ColorJitter(0.4, 0.4, 0.4, 0.4) always →
         # RandomGrayscale(0.2) → flip.
-        return [
-            ViewSpec(
-                count=2,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                jitter_p=1.0,
-                brightness=0.4,
-                contrast=0.4,
-                saturation=0.4,
-                hue=0.4,
-                grayscale_p=0.2,
-                grayscale_first=False,
-            )
-        ]
+        return invaspread_views(self.backbone.sslcli_spec.image_size, self.config.crop_min_scale)
 
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
         x1, x2 = batch.views

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec, moco_v2_views
+from sslcli.data.views import ViewSpec, moco_v1_views, moco_v2_views
 from sslcli.method import (
     RESUME_SAFE,
     Batch,
@@ -49,10 +49,17 @@ from sslcli.method import (
     StepOutput,
     depends_on,
 )
-from sslcli.nn import dist
-from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.queue import KeyQueue, default_queue_size, queue_size_warning
-from sslcli.nn.shuffle_bn import bn_groups, shuffle_bn_forward, split_batchnorm
+from sslcli.nn import (
+    KeyQueue,
+    bn_groups,
+    default_queue_size,
+    dist,
+    ema_update_,
+    momentum_copy,
+    queue_size_warning,
+    shuffle_bn_forward,
+    split_batchnorm,
+)
 
 # -- the loss -------------------------------------------------------------------------------
 
@@ -303,22 +310,7 @@ class MoCoV1(_MoCo):
 
     def views(self) -> list[ViewSpec]:
         c = self.config
-        return [
-            ViewSpec(
-                count=2,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                grayscale_p=0.2,
-                grayscale_first=True,
-                jitter_p=1.0,
-                brightness=0.4,
-                contrast=0.4,
-                saturation=0.4,
-                hue=0.4,
-                blur_p=c.blur_p,
-                normalize=True,
-            )
-        ]
+        return moco_v1_views(self.backbone.sslcli_spec.image_size, c.crop_min_scale, c.blur_p)
 
 
 class MoCoV2(_MoCo):

@@ -24,11 +24,16 @@ from sslcli.backbones import Backbone, feature_dim, is_vit_name
 from sslcli.data.views import ViewSpec, asymmetric_views
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn import dist
-from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.heads import MLP
-from sslcli.nn.schedules import cosine_increase
-from sslcli.nn.vit import freeze_patch_projection_, moco_v3_init_, use_sincos_pos_embed_
+from sslcli.nn import (
+    MLP,
+    cosine_momentum,
+    dist,
+    ema_update_pairs_,
+    freeze_patch_projection_,
+    moco_v3_init_,
+    momentum_copy,
+    use_sincos_pos_embed_,
+)
 
 # -- shared parts -----------------------------------------------------------------------------
 
@@ -54,9 +59,9 @@ def momentum_at(step: int, total_steps: int, base: float, cosine: bool = True) -
     The momentum encoder's coefficient starts at m₀ = 0.99 and rises to 1 along a
     half-cycle cosine (official ``--moco-m-cos``, used by every published recipe;
     ``adjust_moco_momentum`` evaluated per iteration: ``epoch + i / iters_per_epoch``
-    over ``epochs`` = k/K).
+    over ``epochs`` = k/K); constant m₀ without ``cosine``.
     """
-    return cosine_increase(step, total_steps, base, 1.0) if cosine else base
+    return cosine_momentum(step, total_steps, base) if cosine else base
 
 
 def ctr_loss(q: Tensor, k: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -259,8 +264,8 @@ class MoCoV3(Method):
     def momentum_update(self, m: float) -> None:
         """θ_k ← m·θ_k + (1 − m)·θ_q over backbone and projector (the predictor has no
         momentum counterpart): "f_k: momentum encoder: backbone + proj mlp" (Alg. 1)."""
-        ema_update_(self.momentum_encoder.backbone, self.backbone, m)
-        ema_update_(self.momentum_encoder.projector, self.projector, m)
+        enc = self.momentum_encoder
+        ema_update_pairs_([(enc.backbone, self.backbone), (enc.projector, self.projector)], m)
 
     # -- one step ---------------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:

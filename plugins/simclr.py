@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, simclr_views
 from sslcli.errors import ConfigError
 from sslcli.method import (
     RESUME_SAFE,
@@ -33,7 +33,7 @@ from sslcli.method import (
     StepInfo,
     StepOutput,
 )
-from sslcli.nn.losses import nt_xent
+from sslcli.nn import nt_xent
 
 
 class BatchNorm1dNoShift(nn.BatchNorm1d):
@@ -134,23 +134,8 @@ class SimCLR(Method):
 
     def views(self) -> list[ViewSpec]:
         c = self.config
-        s = c.color_strength
-        return [
-            ViewSpec(
-                count=2,
-                size=self.backbone.sslcli_spec.image_size,
-                scale=(c.crop_min_scale, 1.0),
-                interpolation="bicubic",
-                jitter_p=0.8,
-                brightness=0.8 * s,
-                contrast=0.8 * s,
-                saturation=0.8 * s,
-                hue=min(0.5, 0.2 * s),
-                grayscale_p=0.2,
-                blur_p=c.blur_p,
-                normalize=False,
-            )
-        ]
+        size = self.backbone.sslcli_spec.image_size
+        return simclr_views(size, c.crop_min_scale, c.color_strength, c.blur_p)
 
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:
         x1, x2 = batch.views

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from sslcli.backbones import Backbone, feature_dim
 from sslcli.data.views import ViewSpec, moco_v2_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn.heads import MLP
-from sslcli.nn.regression import mean_cosine, simsiam_loss
+from sslcli.nn import MLP, mean_cosine, simsiam_loss
 
 
 def simsiam_projector(width: int, hidden: int, out: int, num_layers: int) -> nn.Module:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,21 +36,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from sslcli.backbones import Backbone, feature_dim
-from sslcli.data.views import ViewSpec
+from sslcli.data.views import ViewSpec, local_crop_size, swav_views
 from sslcli.method import Batch, Method, MethodConfig, Recipe, StepInfo, StepOutput
-from sslcli.nn import dist
-from sslcli.nn.dino_head import (
-    local_crop_size,
-    multicrop_blur_frac,
-    multicrop_forward,
-    patch_size,
-)
-from sslcli.nn.heads import MLP
-from sslcli.nn.sinkhorn import sinkhorn_knopp
-
-SWAV_MEAN = (0.485, 0.456, 0.406)
-SWAV_STD = (0.228, 0.224, 0.225)  # the official code's values (0.228, not 0.229)
-
+from sslcli.nn import MLP, dist, multicrop_forward, patch_size, sinkhorn_knopp
 
 # -- the loss ---------------------------------------------------------------------------------
 
@@ -304,38 +291,15 @@ class SwAV(Method):
         c = self.config
         size = self.backbone.sslcli_spec.image_size
         local = c.local_crops_size or local_crop_size(size, patch_size(self.backbone))
-        common: dict[str, Any] = dict(
-            interpolation="bilinear",
-            jitter_p=0.8,
-            brightness=0.8,
-            contrast=0.8,
-            saturation=0.8,
-            hue=0.2,
-            grayscale_p=0.2,
+        return swav_views(
+            size,
+            local,
+            global_count=c.num_global_crops,
+            global_scale=c.global_crops_scale,
+            local_count=c.local_crops_number,
+            local_scale=c.local_crops_scale,
             blur_p=c.blur_p,
-            mean=SWAV_MEAN,
-            std=SWAV_STD,
         )
-        specs = [
-            ViewSpec(
-                count=c.num_global_crops,
-                size=size,
-                scale=c.global_crops_scale,
-                blur_kernel_frac=multicrop_blur_frac(size, size),
-                **common,
-            )
-        ]
-        if c.local_crops_number:
-            specs.append(
-                ViewSpec(
-                    count=c.local_crops_number,
-                    size=local,
-                    scale=c.local_crops_scale,
-                    blur_kernel_frac=multicrop_blur_frac(local, size),
-                    **common,
-                )
-            )
-        return specs
 
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: StepInfo) -> StepOutput:

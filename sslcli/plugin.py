@@ -25,7 +25,17 @@ from sslcli.data.views import (
     IMAGENET_STD,
     ViewSpec,
     asymmetric_views,
+    crop_views,
+    dino_views,
+    instdisc_views,
+    invaspread_views,
+    local_crop_size,
+    moco_v1_views,
     moco_v2_views,
+    multi_crop_views,
+    multicrop_blur_frac,
+    simclr_views,
+    swav_views,
 )
 from sslcli.errors import ConfigError, MethodContractError, PluginError, SSLError
 from sslcli.method import (
@@ -40,23 +50,30 @@ from sslcli.method import (
     StepOutput,
     depends_on,
 )
-from sslcli.nn import dist
-from sslcli.nn.dino_head import DINOHead
-from sslcli.nn.ema import ema_update_, momentum_copy
-from sslcli.nn.heads import MLP
-from sslcli.nn.losses import nt_xent
-from sslcli.nn.memory_bank import MemoryBank
-from sslcli.nn.queue import KeyQueue
-from sslcli.nn.regression import byol_loss, mean_cosine, negative_cosine, simsiam_loss
-from sslcli.nn.schedules import (
+from sslcli.nn import (
+    MLP,
+    DeferredBankWrites,
+    DINOHead,
+    KeyQueue,
+    MemoryBank,
+    byol_loss,
     cosine_between,
     cosine_increase,
+    cosine_momentum,
+    dist,
+    ema_update_,
+    ema_update_pairs_,
     linear_warmup_value,
+    mean_cosine,
+    momentum_copy,
+    negative_cosine,
+    nt_xent,
+    simsiam_loss,
+    sinkhorn_knopp,
     warmup_cosine,
 )
-from sslcli.nn.sinkhorn import sinkhorn_knopp
 
-PLUGIN_API_VERSION = (1, 0)
+PLUGIN_API_VERSION = (1, 1)
 """(major, minor) of this module; see the module docstring for what a bump means."""
 
 byol_views = asymmetric_views
@@ -126,7 +143,17 @@ __all__ = [
     "ViewSpec",
     "asymmetric_views",
     "byol_views",
+    "crop_views",
+    "dino_views",
+    "instdisc_views",
+    "invaspread_views",
+    "local_crop_size",
+    "moco_v1_views",
     "moco_v2_views",
+    "multi_crop_views",
+    "multicrop_blur_frac",
+    "simclr_views",
+    "swav_views",
     # the backbone
     "Backbone",
     "BackboneSpec",
@@ -136,12 +163,14 @@ __all__ = [
     "view_size",
     # parts
     "DINOHead",
+    "DeferredBankWrites",
     "KeyQueue",
     "MLP",
     "MemoryBank",
     "byol_loss",
     "dist",
     "ema_update_",
+    "ema_update_pairs_",
     "full_precision",
     "mean_cosine",
     "momentum_copy",
@@ -152,6 +181,7 @@ __all__ = [
     # schedules (pure functions of the step)
     "cosine_between",
     "cosine_increase",
+    "cosine_momentum",
     "linear_warmup_value",
     "warmup_cosine",
     # errors

@@ -58,7 +58,7 @@ def _views_of(config: RunConfig) -> list[ViewSpec]:
 
 def _source_image(ds: object, index: int) -> Tensor:
     """The image as stored: the original file (upright, RGB) or the in-memory array row."""
-    from sslcli.data.datasets import FileImageDataset
+    from sslcli.data.images import FileImageDataset
 
     if isinstance(ds, FileImageDataset):
         with Image.open(ds.path(index)) as img:
@@ -73,7 +73,8 @@ def view_rows(config: RunConfig, n: int = 8, seed: int = 0) -> list[ViewRow]:
     """The first ``n`` images of epoch 0 (for ``seed``) and the views training makes."""
     from sslcli.data.augment import ViewPipeline
     from sslcli.data.crops import CropDataset, CropPlan, collate_crops
-    from sslcli.data.datasets import FileImageDataset, open_dataset
+    from sslcli.data.datasets import open_dataset
+    from sslcli.data.images import FileImageDataset
     from sslcli.runtime import epoch_order
 
     if n < 1:

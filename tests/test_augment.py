@@ -35,6 +35,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from sslcli.data import augment as A
+from sslcli.data import geometric as G
+from sslcli.data import photometric as P
+from sslcli.data import sampling as S
 from sslcli.data.views import ViewSpec
 
 OP_TOL = 1e-5
@@ -81,13 +84,13 @@ def _close(a: Tensor, b: Tensor, tol: float) -> None:
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [(16, 16), (32, 32), (64, 64), (24, 40)])
 def test_resized_crop_matches_torchvision(
-    interpolation: A.Interpolation, size: tuple[int, int]
+    interpolation: G.Interpolation, size: tuple[int, int]
 ) -> None:
     x = _images()
-    boxes = A.sample_crop_boxes(x.shape[0], 40, 52, (0.08, 1.0), generator=_gen(1))
+    boxes = G.sample_crop_boxes(x.shape[0], 40, 52, (0.08, 1.0), generator=_gen(1))
     boxes[0] = torch.tensor([0, 0, 40, 52])  # whole image: strongest shrink
     boxes[1] = torch.tensor([5, 7, 3, 2])  # tiny crop: strong enlargement
-    out = A.resized_crop(x, boxes, size, interpolation)
+    out = G.resized_crop(x, boxes, size, interpolation)
     mode = InterpolationMode(interpolation)
     ref = torch.stack(
         [
@@ -100,9 +103,9 @@ def test_resized_crop_matches_torchvision(
 
 def test_resized_crop_flip_and_uint8() -> None:
     x8 = (_images() * 255).round().to(torch.uint8)
-    boxes = A.sample_crop_boxes(x8.shape[0], 40, 52, generator=_gen(2))
+    boxes = G.sample_crop_boxes(x8.shape[0], 40, 52, generator=_gen(2))
     flip = torch.arange(x8.shape[0]) % 2 == 0
-    out = A.resized_crop(x8, boxes, 24, "bilinear", flip=flip)
+    out = G.resized_crop(x8, boxes, 24, "bilinear", flip=flip)
     ref = torch.stack(
         [
             TF.resized_crop(x8[b].float() / 255, *boxes[b].tolist(), [24, 24], antialias=True)
@@ -111,18 +114,18 @@ def test_resized_crop_flip_and_uint8() -> None:
     )
     ref = torch.stack([TF.horizontal_flip(r) if f else r for r, f in zip(ref, flip, strict=True)])
     _close(out, ref, OP_TOL)
-    unflipped = A.resized_crop(x8, boxes, 24, "bilinear")
-    _close(A.hflip(unflipped, flip), out, OP_TOL)
+    unflipped = G.resized_crop(x8, boxes, 24, "bilinear")
+    _close(G.hflip(unflipped, flip), out, OP_TOL)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_resized_crop_strong_shrink(interpolation: A.Interpolation) -> None:
+def test_resized_crop_strong_shrink(interpolation: G.Interpolation) -> None:
     # 200 px wide crops down to 12 px: ~17x shrink, dozens of taps per output pixel, where
     # anti-aliasing (not point sampling) decides the result.
     g = _gen(25)
     x = torch.rand(3, 3, 120, 200, generator=g)
     boxes = torch.tensor([[0, 0, 120, 200], [10, 20, 100, 150], [60, 3, 37, 190]])
-    out = A.resized_crop(x, boxes, 12, interpolation)
+    out = G.resized_crop(x, boxes, 12, interpolation)
     mode = InterpolationMode(interpolation)
     ref = torch.stack(
         [
@@ -137,7 +140,7 @@ def test_resample_taps_are_a_partition_of_unity() -> None:
     start = torch.tensor([0, 3, 10])
     length = torch.tensor([50, 7, 1])
     for interp in ("bilinear", "bicubic"):
-        index, weight = A.resample_taps(start, length, 60, 16, interp)
+        index, weight = G.resample_taps(start, length, 60, 16, interp)
         torch.testing.assert_close(weight.sum(-1), torch.ones(3, 16))
         assert int(index.min()) >= 0 and int(index.max()) < 60
         # the taps of one output pixel are distinct (resampling_matrix scatters them)
@@ -147,17 +150,17 @@ def test_resample_taps_are_a_partition_of_unity() -> None:
 @pytest.mark.parametrize(
     ("ours", "theirs", "low", "high"),
     [
-        (A.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
-        (A.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
-        (A.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
-        (A.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+        (P.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
+        (P.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
+        (P.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
+        (P.adjust_hue, TF.adjust_hue, -0.5, 0.5),
     ],
 )
 def test_colour_ops_match_torchvision(
     ours: Callable[[Tensor, Tensor], Tensor], theirs: Callable[..., Tensor], low: float, high: float
 ) -> None:
     x = _images(b=16)
-    f = A.sample_uniform(16, low, high, generator=_gen(3))
+    f = S.sample_uniform(16, low, high, generator=_gen(3))
     f[0], f[1] = low, high  # the extremes (factor 0, hue ±0.5)
     _close(ours(x, f), _per_sample(theirs, x, f), OP_TOL)
 
@@ -166,32 +169,32 @@ def test_hue_on_quantised_colours() -> None:
     # Many ties between channels (max shared by two channels) and grey pixels.
     x = (_images(b=16) * 4).round() / 4
     f = torch.linspace(-0.5, 0.5, 16)
-    _close(A.adjust_hue(x, f), _per_sample(TF.adjust_hue, x, f), OP_TOL)
+    _close(P.adjust_hue(x, f), _per_sample(TF.adjust_hue, x, f), OP_TOL)
 
 
 def test_grayscale_matches_torchvision() -> None:
     x = _images()
-    _close(A.rgb_to_grayscale(x), TF.rgb_to_grayscale(x), OP_TOL)
+    _close(P.rgb_to_grayscale(x), TF.rgb_to_grayscale(x), OP_TOL)
     mask = torch.arange(x.shape[0]) % 3 == 0
     ref = torch.stack(
         [TF.rgb_to_grayscale(x[b], 3) if mask[b] else x[b] for b in range(x.shape[0])]
     )
-    _close(A.random_grayscale(x, mask), ref, OP_TOL)
+    _close(P.random_grayscale(x, mask), ref, OP_TOL)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 7, 23])
 def test_gaussian_blur_matches_torchvision(kernel_size: int) -> None:
     x = _images()
-    sigma = A.sample_uniform(x.shape[0], 0.1, 2.0, generator=_gen(4))
+    sigma = S.sample_uniform(x.shape[0], 0.1, 2.0, generator=_gen(4))
     ref = torch.stack(
         [
             TF.gaussian_blur(x[b], [kernel_size, kernel_size], [float(sigma[b])] * 2)
             for b in range(x.shape[0])
         ]
     )
-    _close(A.gaussian_blur(x, sigma, kernel_size), ref, OP_TOL)
+    _close(P.gaussian_blur(x, sigma, kernel_size), ref, OP_TOL)
     mask = torch.arange(x.shape[0]) % 2 == 1
-    out = A.gaussian_blur(x, sigma, kernel_size, mask)
+    out = P.gaussian_blur(x, sigma, kernel_size, mask)
     _close(out[mask], ref[mask], OP_TOL)
     assert torch.equal(out[~mask], x[~mask])  # impulse kernel: untouched
 
@@ -200,9 +203,9 @@ def test_solarize_and_normalize_match_torchvision() -> None:
     x = _images()
     mask = torch.arange(x.shape[0]) % 2 == 0
     ref = torch.stack([TF.solarize(x[b], 0.5) if mask[b] else x[b] for b in range(x.shape[0])])
-    _close(A.solarize(x, mask, 0.5), ref, 0.0)
+    _close(P.solarize(x, mask, 0.5), ref, 0.0)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    _close(A.normalize(x, mean, std), TF.normalize(x, list(mean), list(std)), OP_TOL)
+    _close(P.normalize(x, mean, std), TF.normalize(x, list(mean), list(std)), OP_TOL)
 
 
 def _torchvision_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
@@ -219,17 +222,17 @@ def _torchvision_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
 
 def test_color_jitter_per_sample_order_matches_torchvision() -> None:
     x = _images(b=48)
-    factors, order = A.sample_jitter(48, 0.8, 0.8, 0.8, 0.2, generator=_gen(5))
+    factors, order = P.sample_jitter(48, 0.8, 0.8, 0.8, 0.2, generator=_gen(5))
     # every order the schedule distinguishes: hue at each of the 4 positions
     assert set((order == 3).int().argmax(1).tolist()) == {0, 1, 2, 3}
-    _close(A.color_jitter(x, factors, order), _torchvision_jitter(x, factors, order), OP_TOL)
+    _close(P.color_jitter(x, factors, order), _torchvision_jitter(x, factors, order), OP_TOL)
 
 
 def test_color_jitter_inactive_ops_and_identity_samples() -> None:
     x = _images(b=24)
-    factors, order = A.sample_jitter(24, 0.4, 0.0, 0.3, 0.0, p=0.5, generator=_gen(6))
+    factors, order = P.sample_jitter(24, 0.4, 0.0, 0.3, 0.0, p=0.5, generator=_gen(6))
     assert torch.all(factors[:, 1] == 1) and torch.all(factors[:, 3] == 0)
-    out = A.color_jitter(x, factors, order, active=(True, False, True, False))
+    out = P.color_jitter(x, factors, order, active=(True, False, True, False))
     _close(out, _torchvision_jitter(x, factors, order), OP_TOL)
     untouched = (factors == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(1)
     assert untouched.any() and (~untouched).any()
@@ -254,7 +257,7 @@ def _torchvision_view(image: Tensor, spec: ViewSpec, p: A.ViewParams, b: int) ->
     if gray and not spec.grayscale_first:
         y = TF.rgb_to_grayscale(y, 3)
     if p.blur is not None and p.blur_sigma is not None and p.blur[b]:
-        k = A.blur_kernel_size(spec.size, spec.blur_kernel_frac)
+        k = P.blur_kernel_size(spec.size, spec.blur_kernel_frac)
         y = TF.gaussian_blur(y, [k, k], [float(p.blur_sigma[b])] * 2)
     if p.solarize is not None and p.solarize[b]:
         y = TF.solarize(y, spec.solarize_threshold)
@@ -312,7 +315,7 @@ def _box_stats(boxes: Tensor, h: int, w: int) -> dict[str, Tensor]:
 def test_crop_boxes_match_random_resized_crop(
     h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> None:
-    ours = A.sample_crop_boxes(N_STAT, h, w, scale, ratio, generator=_gen(8))
+    ours = G.sample_crop_boxes(N_STAT, h, w, scale, ratio, generator=_gen(8))
     assert ours.dtype == torch.int64
     top, left, bh, bw = ours.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (bh >= 1).all() and (bw >= 1).all()
@@ -378,7 +381,7 @@ def test_view_param_rates() -> None:
 
 def test_jitter_factors_match_color_jitter() -> None:
     strengths = (0.8, 0.4, 1.2, 0.2)  # saturation 1.2: the lower bound clips at 0
-    factors, order = A.sample_jitter(N_STAT, *strengths, generator=_gen(10))
+    factors, order = P.sample_jitter(N_STAT, *strengths, generator=_gen(10))
     torch.manual_seed(10)
     cj = v2.ColorJitter(*strengths)
     img = torch.zeros(3, 4, 4)
@@ -405,7 +408,7 @@ def test_jitter_factors_match_color_jitter() -> None:
 
 
 def test_jitter_probability_and_identity() -> None:
-    factors, _ = A.sample_jitter(N_STAT, 0.4, 0.4, 0.4, 0.1, p=0.3, generator=_gen(11))
+    factors, _ = P.sample_jitter(N_STAT, 0.4, 0.4, 0.4, 0.1, p=0.3, generator=_gen(11))
     identity = (factors == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(1)
     assert abs(_rate(~identity) - 0.3) <= _rate_tol(0.3)
 
@@ -591,18 +594,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_matches_cpu_for_the_same_parameters() -> None:
     dev = torch.device("cuda")
     x = _images(b=16)
-    boxes = A.sample_crop_boxes(16, 40, 52, generator=_gen(24))
+    boxes = G.sample_crop_boxes(16, 40, 52, generator=_gen(24))
     flip = torch.arange(16) % 2 == 0
-    factors, order = A.sample_jitter(16, 0.8, 0.8, 0.8, 0.2, generator=_gen(24))
-    sigma = A.sample_uniform(16, 0.1, 2.0, generator=_gen(24))
+    factors, order = P.sample_jitter(16, 0.8, 0.8, 0.8, 0.2, generator=_gen(24))
+    sigma = S.sample_uniform(16, 0.1, 2.0, generator=_gen(24))
     mask = torch.arange(16) % 3 == 0
 
     def run(d: torch.device) -> Tensor:
-        y = A.resized_crop(x.to(d), boxes.to(d), 24, "bicubic", flip.to(d)).clamp(0, 1)
-        y = A.color_jitter(y, factors.to(d), order.to(d))
-        y = A.random_grayscale(y, mask.to(d))
-        y = A.gaussian_blur(y, sigma.to(d), 5, ~mask.to(d))
-        return A.solarize(y, mask.to(d), 0.5).cpu()
+        y = G.resized_crop(x.to(d), boxes.to(d), 24, "bicubic", flip.to(d)).clamp(0, 1)
+        y = P.color_jitter(y, factors.to(d), order.to(d))
+        y = P.random_grayscale(y, mask.to(d))
+        y = P.gaussian_blur(y, sigma.to(d), 5, ~mask.to(d))
+        return P.solarize(y, mask.to(d), 0.5).cpu()
 
     # TF32 matmuls (if a caller enabled them) would exceed OP_TOL; the default is off.
     _close(run(dev), run(torch.device("cpu")), 1e-4)

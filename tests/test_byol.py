@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from sslcli_plugins.byol import BYOL, asymmetric_views, byol_head, target_momentum
+from sslcli_plugins.byol import BYOL, byol_head
 from torch import nn
 
 from sslcli import api
 from sslcli.backbones import make_spec
+from sslcli.data.views import asymmetric_views
 from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, StepInfo
+from sslcli.nn import cosine_momentum
 from sslcli.nn.regression import byol_loss, normalized_mse
 from tests.conftest import TINY
 
@@ -93,11 +95,11 @@ def test_target_momentum_is_the_papers_cosine() -> None:
     K = 1000
     for k in (0, 1, 10, 250, 500, 999, 1000):
         expected = 1 - (1 - 0.996) * (math.cos(math.pi * k / K) + 1) / 2
-        assert math.isclose(target_momentum(k, K, 0.996), expected, rel_tol=0, abs_tol=1e-12)
-    assert target_momentum(0, K, 0.99) == pytest.approx(0.99)
-    assert target_momentum(K // 2, K, 0.99) == pytest.approx(0.995)
-    assert target_momentum(K, K, 0.99) == pytest.approx(1.0)
-    values = [target_momentum(k, K, 0.99) for k in range(0, K + 1, 50)]
+        assert math.isclose(cosine_momentum(k, K, 0.996), expected, rel_tol=0, abs_tol=1e-12)
+    assert cosine_momentum(0, K, 0.99) == pytest.approx(0.99)
+    assert cosine_momentum(K // 2, K, 0.99) == pytest.approx(0.995)
+    assert cosine_momentum(K, K, 0.99) == pytest.approx(1.0)
+    values = [cosine_momentum(k, K, 0.99) for k in range(0, K + 1, 50)]
     assert values == sorted(values)
 
 
@@ -199,7 +201,7 @@ def test_engine_updates_the_target_after_the_optimizer_with_the_steps_tau(tmp_pa
         online_before = [p.clone() for p in online()]
         _, ok = tr.train_step(*next(batches))
         assert ok
-        tau = target_momentum(k, tr.total_steps, 0.5)
+        tau = cosine_momentum(k, tr.total_steps, 0.5)
         assert tau == pytest.approx(0.5) if k == 0 else 0.5 < tau < 1
         moved = 0
         params = zip(m.target.parameters(), target_before, online_before, online(), strict=True)

@@ -15,7 +15,7 @@ from scipy import stats
 
 from sslcli import api
 from sslcli.data import gpu_decode
-from sslcli.data.augment import ViewPipeline, sample_crop_boxes
+from sslcli.data.augment import ViewPipeline
 from sslcli.data.crops import (
     CropDataset,
     CropPlan,
@@ -26,6 +26,7 @@ from sslcli.data.crops import (
 )
 from sslcli.data.datasets import open_dataset
 from sslcli.data.decode import decode_image_file
+from sslcli.data.geometric import sample_crop_boxes
 from sslcli.data.views import ViewSpec
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -303,7 +304,7 @@ def test_device_cache_gets_its_batch_indices_on_its_device() -> None:
     GPU here."""
     from types import SimpleNamespace
 
-    from sslcli.data.loader import index_on
+    from sslcli.data.cache import index_on
     from sslcli.engine.trainer import Trainer
 
     seen: list[torch.device] = []

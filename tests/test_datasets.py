@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
+from sslcli.data.badfiles import UnreadableImageWarning
 from sslcli.data.datasets import (
-    FileImageDataset,
-    UnreadableImageWarning,
     available_splits,
     describe,
     digits_split_indices,
     open_dataset,
 )
 from sslcli.data.decode import to_square
+from sslcli.data.images import FileImageDataset
 from sslcli.errors import DataError, TooManyBadImagesError
 
 # --------------------------------------------------------------------------------------------

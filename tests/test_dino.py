@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from sslcli_plugins.dino import (
     DINO,
     dino_loss,
-    teacher_momentum,
     teacher_temperature,
     update_center,
 )
@@ -28,6 +27,7 @@ from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.data.views import expand
 from sslcli.method import Batch, StepInfo
+from sslcli.nn import cosine_momentum
 from sslcli.nn.dino_head import DINOHead, WeightNormLinear
 
 # -- references written from the paper's formulas -------------------------------------------
@@ -109,7 +109,7 @@ def test_teacher_temperature_schedule_is_the_official_linspace() -> None:
 
 def test_teacher_momentum_cosine() -> None:
     total = 100
-    ms = [teacher_momentum(k, total, 0.996) for k in range(total + 1)]
+    ms = [cosine_momentum(k, total, 0.996) for k in range(total + 1)]
     want = [1 - (1 - 0.996) * (math.cos(math.pi * k / total) + 1) / 2 for k in range(total + 1)]
     np.testing.assert_allclose(ms, want, rtol=1e-12)
     assert ms[0] == pytest.approx(0.996) and ms[-1] == pytest.approx(1.0)
@@ -277,7 +277,7 @@ def test_ema_update_after_the_optimizer_step() -> None:
     t_before = [p.clone() for p in m.teacher_head.parameters()]
     s_now = [p.detach().clone() for p in m.head.parameters()]
     info = _info(10, total=40)
-    mom = teacher_momentum(10, 40, 0.996)
+    mom = cosine_momentum(10, 40, 0.996)
     m.after_optimizer_step(info)
     for t, t0, s in zip(m.teacher_head.parameters(), t_before, s_now, strict=True):
         torch.testing.assert_close(t, mom * t0 + (1 - mom) * s)

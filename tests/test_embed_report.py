@@ -23,7 +23,8 @@ import torch
 
 from sslcli import api
 from sslcli.cli.app import main
-from sslcli.data.datasets import UnreadableImageWarning, open_dataset
+from sslcli.data.badfiles import UnreadableImageWarning
+from sslcli.data.datasets import open_dataset
 from sslcli.eval import cache as feature_cache
 from sslcli.eval import embeddings as embeddings_mod
 from sslcli.eval.embed import embed

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from sslcli.data.datasets import FileImageDataset, UnreadableImageWarning, open_dataset
+from sslcli.data.badfiles import UnreadableImageWarning
+from sslcli.data.cache import CachedDataset, maybe_cache
+from sslcli.data.datasets import open_dataset
 from sslcli.data.gpu_decode import (
     JpegBytesDataset,
     JpegDecoder,
@@ -24,7 +26,8 @@ from sslcli.data.gpu_decode import (
     unpack,
     use_gpu_decode,
 )
-from sslcli.data.loader import CachedDataset, DevicePrefetcher, maybe_cache
+from sslcli.data.images import FileImageDataset
+from sslcli.data.loader import DevicePrefetcher
 from sslcli.errors import DataError, TooManyBadImagesError
 
 CPU = torch.device("cpu")
@@ -233,7 +236,7 @@ def test_transfer_false_hands_host_batch_to_fn() -> None:
 def test_cache_of_array_dataset_reuses_its_memory_and_serves_identical_images() -> None:
     ds = open_dataset("digits", "train", 16)
     c = CachedDataset(ds)
-    assert c._images.data_ptr() == ds._images.data_ptr()  # no second copy
+    assert c.images.data_ptr() == ds.images.data_ptr()  # no second copy
     idx = torch.tensor([5, 0, 1437, 5, 77])
     x, y, i = c.get_batch(idx)
     assert x.shape == (5, 3, 16, 16) and x.dtype == torch.uint8 and x.is_contiguous()
@@ -275,9 +278,9 @@ def jpeg_dir(tmp_path: Path) -> Path:
 
 def test_cache_of_file_dataset_fills_its_shared_cache(jpeg_dir: Path) -> None:
     ds = open_dataset(str(jpeg_dir), "train", 24, cache=True)
-    assert isinstance(ds, FileImageDataset) and ds._cache is not None
+    assert isinstance(ds, FileImageDataset) and ds.decoded_cache is not None
     c = CachedDataset(ds)
-    assert c._images.data_ptr() == ds._cache.data_ptr()
+    assert c.images.data_ptr() == ds.decoded_cache.data_ptr()
     fresh = open_dataset(str(jpeg_dir), "train", 24)
     x, y, i = c.get_batch(torch.arange(len(ds)).flip(0))
     for k in range(len(ds)):

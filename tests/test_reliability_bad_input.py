@@ -140,7 +140,7 @@ def _image_tree(root: Path, classes: dict[str, int]) -> None:
             )
 
 
-@pytest.mark.filterwarnings("ignore::sslcli.data.datasets.UnreadableImageWarning")
+@pytest.mark.filterwarnings("ignore::sslcli.data.badfiles.UnreadableImageWarning")
 def test_bad_file_count_does_not_claim_to_be_exact(tmp_path: Path) -> None:
     from sslcli.data.datasets import open_dataset
 

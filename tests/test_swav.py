@@ -24,9 +24,9 @@ from sslcli_plugins.swav import (
 
 from sslcli import api
 from sslcli.backbones import make_spec
-from sslcli.data.views import expand
+from sslcli.data.views import expand, local_crop_size
 from sslcli.method import Batch, StepInfo
-from sslcli.nn.dino_head import local_crop_size, multicrop_forward
+from sslcli.nn.dino_head import multicrop_forward
 from sslcli.nn.sinkhorn import sinkhorn_knopp
 
 # -- references written from the paper's formulas -------------------------------------------

@@ -21,7 +21,8 @@ from PIL import Image
 
 from sslcli import api
 from sslcli.cli.app import main
-from sslcli.data.datasets import UnreadableImageWarning, open_dataset
+from sslcli.data.badfiles import UnreadableImageWarning
+from sslcli.data.datasets import open_dataset
 from sslcli.engine import knn_monitor
 from sslcli.engine.trainer import Trainer
 

@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sslcli.data.images import FileImageDataset
 from sslcli.data.views import ViewSpec, expand
 
 # Uniform numbers one box draw consumes: 10 areas, 10 log-ratios, the top and left offsets.
@@ -83,7 +84,7 @@ def crop_box(
     the first box that fits is placed at a uniformly random integer position; when none
     fits, the central crop of the largest box the ratio range allows. ``u[0:10]`` are the
     areas, ``u[10:20]`` the log-ratios, ``u[20]``/``u[21]`` the top/left positions; the
-    batched :func:`sslcli.data.augment.sample_crop_boxes` uses the same layout.
+    batched :func:`sslcli.data.geometric.sample_crop_boxes` uses the same layout.
     """
     area = float(height * width)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -204,8 +205,6 @@ class CropDataset(Dataset[tuple[Crops, int, int]]):
     """
 
     def __init__(self, base: object, plan: CropPlan, epoch: int) -> None:
-        from sslcli.data.datasets import FileImageDataset
-
         if not isinstance(base, FileImageDataset):
             raise TypeError(f"CropDataset needs a FileImageDataset, got {type(base).__name__}")
         self.base = base
@@ -217,7 +216,7 @@ class CropDataset(Dataset[tuple[Crops, int, int]]):
 
     def __getitem__(self, i: int) -> tuple[Crops, int, int]:
         base = self.base
-        i = base._index(i)
+        i = base.check_index(i)
         return base.read(i, lambda img: crop_views_pil(img, self.plan, self.epoch, i))
 
 

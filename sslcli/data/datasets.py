@@ -4,8 +4,8 @@
 its shorter side resized to ``S`` (upsampled when smaller) and centre-cropped, so any
 batch collates. That is the evaluation geometry. Training on image files cuts every view
 from the original image instead (:class:`sslcli.data.crops.CropDataset` over
-:meth:`FileImageDataset.read`); in-memory arrays are cropped from the stored image, on the
-device, in batches (:mod:`sslcli.data.augment`).
+:meth:`sslcli.data.images.FileImageDataset.read`); in-memory arrays are cropped from
+the stored image, on the device, in batches (:mod:`sslcli.data.augment`).
 
 Specs accepted by :func:`open_dataset`, :func:`available_splits` and :func:`describe`:
 
@@ -31,401 +31,42 @@ Split rules worth knowing:
   because its only use is evaluation.
 * ImageFolder class indices come from ``train/``'s sorted class folders for both splits.
 
-Corrupt image files (lazily decoded formats): when a folder holds at most
-:data:`PROBE_MAX_FILES` images, every file's header is checked at open time, so files that
-are not images at all are dropped (with a warning) before training starts. A file whose
-body turns out to be broken when a worker decodes it is warned about once, recorded in a
-bad-file mask that lives in shared memory (so all DataLoader workers and the main process
-see it), and replaced by the next readable image — the returned index is the substitute's,
-so image, label and index always agree. When more than ``max_bad_fraction`` of the files
-are bad, :class:`TooManyBadImagesError` (a :class:`DataError`) is raised, at open time or
-from whichever worker crosses the limit. Broken binary files (CIFAR, STL-10, IDX) raise a
-one-line :class:`DataError` naming the file when opened.
+Corrupt image files (lazily decoded formats; the rules live in
+:mod:`sslcli.data.badfiles`): when a folder holds at most
+:data:`~sslcli.data.images.PROBE_MAX_FILES` images, every file's header is checked at open
+time, so files that are not images at all are dropped (with a warning) before training
+starts. A file whose body turns out to be broken when a worker decodes it is warned about
+once, recorded in a bad-file mask that lives in shared memory (so all DataLoader workers
+and the main process see it), and replaced by the next readable image — the returned
+index is the substitute's, so image, label and index always agree. When more than
+``max_bad_fraction`` of the files are bad, :class:`~sslcli.errors.TooManyBadImagesError`
+(a :class:`DataError`) is raised, at open time or from whichever worker crosses the limit.
+Broken binary files (CIFAR, STL-10, IDX) raise a one-line :class:`DataError` naming the
+file when opened.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 import os
-import shutil
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from sslcli.data import formats
-from sslcli.data.decode import (
-    IMAGE_EXTENSIONS,
-    JPEG_EXTENSIONS,
-    decode_pil,
-    error_reason,
-    is_image_file,
-    probe_image,
-    to_square,
-)
-from sslcli.errors import DataError, TooManyBadImagesError
+from sslcli.data.decode import IMAGE_EXTENSIONS, is_image_file
+from sslcli.data.images import ArrayImageDataset, FileImageDataset, ImageDataset, LabelledSubset
+from sslcli.errors import DataError
 
-T = TypeVar("T")
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
 FORMATS: tuple[str, ...] = ("imagefolder", "folder", "cifar10", "cifar100", "stl10", "idx")
 
-# Binary datasets are resized once at open time when the result fits in this many bytes
-# (CIFAR at 64 px: 614 MB, does not; MNIST at 32 px: 61 MB, does), else per item in the
-# workers. Both paths run the same function, so the images are identical either way.
-PRECOMPUTE_MAX_BYTES = 256 << 20
-# Header checks cost ~0.1 ms per file: a second for 10k files is worth failing fast; for
-# ImageNet-sized folders the decode-time fallback alone handles broken files.
-PROBE_MAX_FILES = 10_000
-# Upper bound for the optional decoded-image cache (``cache=True``).
-CACHE_MAX_BYTES = 4 << 30
-
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-
-
-class UnreadableImageWarning(UserWarning):
-    """An image file could not be decoded and is being skipped."""
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset classes
-# --------------------------------------------------------------------------------------------
-
-
-class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
-    """Base class: ``ds[i] -> (uint8 [3, S, S], label or -1, index)``.
-
-    Attributes: ``name`` (a spec that reopens it, e.g. ``"cifar10:/data/cifar"``),
-    ``split``, ``classes`` (None when unlabelled), ``load_size`` (S), ``labels`` (int64
-    tensor, -1 for unlabelled rows; read it instead of decoding images) and ``in_memory``
-    (True when an item costs only a memory copy, so DataLoader workers do not pay off).
-    """
-
-    name: str
-    split: str
-    classes: list[str] | None
-    load_size: int
-    labels: torch.Tensor
-    in_memory: bool = False
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        raise NotImplementedError
-
-    def _index(self, i: int) -> int:
-        i = operator.index(i)
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} images")
-        return i
-
-    def labelled_indices(self) -> torch.Tensor:
-        """Indices of the rows with a label (all of them for a fully labelled split)."""
-        return torch.nonzero(self.labels >= 0).flatten()
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"classes={len(self.classes) if self.classes else None}, load_size={self.load_size})"
-        )
-
-
-class ArrayImageDataset(ImageDataset):
-    """Images from a uint8 array store (digits, CIFAR, STL-10, IDX)."""
-
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        store: formats.ArrayStore,
-        labels: np.ndarray,
-        classes: list[str] | None,
-        load_size: int,
-        *,
-        precompute: bool | None = None,
-    ) -> None:
-        self.name, self.split, self.classes, self.load_size = name, split, classes, load_size
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        # Kept only when items are read from it one by one (see the end of __init__).
-        self.store: formats.ArrayStore | None = store
-        n, c, h, w = store.shape
-        s = load_size
-        if precompute is None:
-            precompute = n * c * s * s <= PRECOMPUTE_MAX_BYTES
-        # Grey images stay one channel in memory (a third of the bytes) and are replicated
-        # to RGB per item.
-        self._images: torch.Tensor | None = None
-        if (h, w) == (s, s) and isinstance(store, formats.MemoryStore):
-            self._images = _tensor(store.images)
-        elif precompute:
-            out = torch.empty((n, c, s, s), dtype=torch.uint8)
-            step = max(1, (64 << 20) // max(1, c * (h * w + s * s)))  # ~64 MB per chunk
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                out[a:b] = to_square(_tensor(store.chunk(a, b)), s)
-            self._images = out
-        self.in_memory = self._images is not None
-        if self.in_memory:
-            # Everything is in _images now; dropping the store keeps a dataset pickled for
-            # "spawn" workers from carrying the raw arrays a second time.
-            self.store = None
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = self._index(i)
-        if self._images is not None:
-            x = self._images[i]
-        else:
-            assert self.store is not None
-            x = to_square(_tensor(self.store.get(i)), self.load_size)
-        # Always a fresh tensor, never a view: a view would drag the whole array's storage
-        # into shared memory when a worker sends it to the main process.
-        x = x.repeat(3, 1, 1) if x.shape[0] == 1 else x.clone()
-        return x, int(self.labels[i]), i
-
-    @property
-    def get_batch(self) -> BatchFn:
-        """``get_batch(idx) -> (uint8 [B, 3, S, S], labels [B], idx)`` in one gather.
-
-        Only in-memory datasets have it (the attribute is missing otherwise, so
-        ``getattr(ds, "get_batch", None)`` tells callers whether the fast path exists):
-        training and feature extraction then index the array directly instead of
-        collating items one by one.
-        """
-        if self._images is None:
-            raise AttributeError("get_batch: this dataset is not held in memory")
-        return self._get_batch
-
-    def _get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        assert self._images is not None
-        idx = torch.as_tensor(idx, dtype=torch.int64).flatten()
-        n = len(self)
-        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(f"index out of range for {n} images")
-        idx = torch.where(idx < 0, idx + n, idx)
-        x = self._images[idx]  # advanced indexing copies: never a view of the array
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1).contiguous()
-        return x, self.labels[idx], idx
-
-
-BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` without its warning for read-only arrays (gzip IDX data and
-    memory maps are read-only; nothing here ever writes to them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-class _PathTable:
-    """Many paths in two numpy arrays instead of a list of ``str``.
-
-    Touching a Python object updates its reference count, which un-shares the memory page
-    it lives on in every forked DataLoader worker: a list of a million paths slowly gets
-    copied into each worker. Two flat arrays are never written to, so they stay shared.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        encoded = [os.fsencode(p) for p in paths]
-        self._buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._off = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._off[1:])
-
-    def __len__(self) -> int:
-        return len(self._off) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return os.fsdecode(self._buf[self._off[i] : self._off[i + 1]].tobytes())
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[i] for i in range(len(self)))
-
-
-def _shm_free_bytes() -> int | None:
-    try:
-        return shutil.disk_usage("/dev/shm").free
-    except OSError:
-        return None
-
-
-class FileImageDataset(ImageDataset):
-    """Image files decoded lazily (in DataLoader workers) with PIL.
-
-    See the module docstring for how corrupt files are handled. ``read_bytes(i)`` returns
-    the encoded file for GPU decoding (``all_jpeg`` says whether that path applies); the
-    decoded image must then go through :func:`sslcli.data.decode.to_square`.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        paths: list[str],
-        labels: list[int] | np.ndarray,
-        classes: list[str] | None,
-        load_size: int,
-        *,
-        max_bad_fraction: float = 0.01,
-        probe: bool | None = None,
-        cache: bool = False,
-    ) -> None:
-        self.name, self.split, self.classes, self.load_size = name, split, classes, load_size
-        self.max_bad_fraction = max_bad_fraction
-        labels_arr = np.asarray(labels, dtype=np.int64)
-        self.total_files = len(paths)
-        self.bad_at_open: list[str] = []
-        if probe is None:
-            probe = len(paths) <= PROBE_MAX_FILES
-        if probe:
-            keep = []
-            for k, p in enumerate(paths):
-                reason = probe_image(p)
-                if reason is None:
-                    keep.append(k)
-                else:
-                    self.bad_at_open.append(p)
-                    _warn_bad(p, reason)
-            self._check_bad_count(len(self.bad_at_open))
-            paths = [paths[k] for k in keep]
-            labels_arr = labels_arr[keep]
-        if not paths:
-            raise DataError(f"no readable images in {name} ({split})")
-        self._paths = _PathTable(paths)
-        self.labels = torch.from_numpy(labels_arr)
-        self.all_jpeg = all(os.path.splitext(p)[1].lower() in JPEG_EXTENSIONS for p in paths)
-        # Shared memory: a worker that finds a bad file marks it for every other process,
-        # and the main process can count bad files found by workers.
-        self._bad = torch.zeros(len(paths), dtype=torch.uint8).share_memory_()
-        self._cache: torch.Tensor | None = None
-        self._cached: torch.Tensor | None = None
-        if cache:
-            self._init_cache()
-
-    def _init_cache(self) -> None:
-        n, s = len(self), self.load_size
-        need = n * 3 * s * s
-        free = _shm_free_bytes()
-        if need > CACHE_MAX_BYTES or (free is not None and need > free // 2):
-            warnings.warn(
-                f"not caching {self.name}: {need / 2**20:.0f} MiB of decoded images exceed "
-                f"the cache limit or half the free shared memory",
-                stacklevel=3,
-            )
-            return
-        # Shared, so images decoded by any worker are reused by all of them next epoch.
-        self._cache = torch.empty((n, 3, s, s), dtype=torch.uint8).share_memory_()
-        self._cached = torch.zeros(n, dtype=torch.bool).share_memory_()
-
-    def path(self, i: int) -> str:
-        return self._paths[self._index(i)]
-
-    def read_bytes(self, i: int) -> bytes:
-        """The encoded file ``i`` (for ``torchvision.io.decode_jpeg(..., device="cuda")``)."""
-        with open(self.path(i), "rb") as f:
-            return f.read()
-
-    @property
-    def bad_count(self) -> int:
-        """Files found unreadable so far, at open time and by any worker."""
-        return len(self.bad_at_open) + int(self._bad.sum())
-
-    def _check_bad_count(self, bad: int) -> None:
-        if bad > self.max_bad_fraction * self.total_files:
-            raise TooManyBadImagesError(
-                f"at least {bad} of {self.total_files} images in {self.name} ({self.split}) "
-                f"are unreadable, more than max_bad_fraction={self.max_bad_fraction:g} "
-                f"(a file's body is checked only when it is read, so more may follow); "
-                f"fix or remove them, or raise data.max_bad_fraction"
-            )
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = self._index(i)
-        if self._cached is not None and self._cached[i] and not self._bad[i]:
-            assert self._cache is not None
-            return self._cache[i].clone(), int(self.labels[i]), i
-        x, y, j = self.read(i, self._decode_square)
-        if self._cache is not None and self._cached is not None:
-            self._cache[j] = x
-            self._cached[j] = True
-        return x, y, j
-
-    def _decode_square(self, img: Image.Image) -> torch.Tensor:
-        img.load()  # the full decode first, as decode_image_file does
-        return decode_pil(img, self.load_size)
-
-    def read(self, i: int, decode: Callable[[Image.Image], T]) -> tuple[T, int, int]:
-        """``(decode(opened image), label, index)`` of file ``i``, or of its substitute.
-
-        The corrupt-file rules of the module docstring, for any decoding function (the
-        square of :meth:`__getitem__`, the training crops of
-        :class:`sslcli.data.crops.CropDataset`). ``decode`` gets the opened, not yet
-        loaded image (so it may ``draft()``) and must load it fully.
-        """
-        i = self._index(i)
-        n = len(self)
-        for step in range(n):
-            j = (i + step) % n
-            if self._bad[j]:
-                continue
-            path = self._paths[j]
-            try:
-                with Image.open(path) as img:
-                    x = decode(img)
-            except Exception as e:  # PIL raises many types for broken files; all mean "bad"
-                self._bad[j] = 1
-                _warn_bad(path, error_reason(e))
-                self._check_bad_count(self.bad_count)
-                continue
-            return x, int(self.labels[j]), j
-        raise TooManyBadImagesError(f"no readable image left in {self.name} ({self.split})")
-
-
-class LabelledSubset(ImageDataset):
-    """The labelled rows of another dataset, re-indexed ``0..n-1``."""
-
-    def __init__(self, base: ImageDataset) -> None:
-        self.base = base
-        self.name, self.split, self.classes = base.name, base.split, base.classes
-        self.load_size, self.in_memory = base.load_size, base.in_memory
-        self.rows = base.labelled_indices()
-        self.labels = base.labels[self.rows]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = self._index(i)
-        x, y, _ = self.base[int(self.rows[i])]
-        return x, y, i
-
-    @property
-    def get_batch(self) -> BatchFn:
-        """The base dataset's fast path, re-indexed (missing when the base has none)."""
-        base_get = getattr(self.base, "get_batch", None)
-        if base_get is None:
-            raise AttributeError("get_batch: the base dataset is not held in memory")
-
-        def get(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            idx = torch.as_tensor(idx, dtype=torch.int64).flatten()
-            x, y, _ = base_get(self.rows[idx])
-            return x, y, idx
-
-        return get
-
-
-def _warn_bad(path: str, reason: str) -> None:
-    warnings.warn(f"skipping unreadable image {path} ({reason})", UnreadableImageWarning, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -843,12 +484,6 @@ def describe(spec: str) -> str:
 
 __all__ = [
     "FORMATS",
-    "ArrayImageDataset",
-    "FileImageDataset",
-    "ImageDataset",
-    "LabelledSubset",
-    "TooManyBadImagesError",
-    "UnreadableImageWarning",
     "available_splits",
     "describe",
     "digits_split_indices",

@@ -10,7 +10,7 @@ resampled from it on the device; for evaluation every image is brought to the da
 square load size with :func:`sslcli.data.decode.to_square`. On the CPU the very same code runs with
 ``device="cpu"`` (libjpeg-turbo), which is how it is tested without a GPU.
 
-Agreement with the worker (PIL) path of :class:`~sslcli.data.datasets.FileImageDataset`:
+Agreement with the worker (PIL) path of :class:`~sslcli.data.images.FileImageDataset`:
 
 * geometry: identical (shorter side to ``S``, centre crop, same rounding); pixels differ
   by a few levels because PIL first shrinks in the DCT domain (``Image.draft``) and then
@@ -21,7 +21,7 @@ Agreement with the worker (PIL) path of :class:`~sslcli.data.datasets.FileImageD
   variants) and files that look truncated (no end-of-image marker) are decoded by the
   worker path's own function on the CPU, so they come out exactly as they would there;
 * unreadable files follow the dataset's corrupt-file rules: one
-  :class:`~sslcli.data.datasets.UnreadableImageWarning`, the file marked in the dataset's
+  :class:`~sslcli.data.badfiles.UnreadableImageWarning`, the file marked in the dataset's
   shared bad-file mask (so workers skip it from then on), ``max_bad_fraction`` enforced,
   and the sample replaced by the next readable image, whose index is returned.
 """
@@ -38,10 +38,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from sslcli.data import datasets as _ds
 from sslcli.data.crops import CropDataset, CropPlan, Crops, crop_views_pil, resized_crop_tensor
-from sslcli.data.datasets import FileImageDataset
 from sslcli.data.decode import decode_pil, error_reason, to_square
+from sslcli.data.images import FileImageDataset
 
 # A packed batch of encoded files: all bytes back to back + B+1 offsets. One tensor crosses
 # the worker -> main-process queue per batch, instead of one shared-memory segment (and
@@ -74,20 +73,8 @@ class JpegBytesDataset(Dataset[tuple[Tensor, int, int]]):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        base = self.base
-        n = len(base)
-        i = base._index(i)
-        for step in range(n):
-            j = (i + step) % n
-            if _is_bad(base, j):
-                continue
-            try:
-                data = base.read_bytes(j)
-            except OSError as e:
-                _mark_bad(base, j, error_reason(e))
-                continue
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(base.labels[j]), j
-        raise _ds.TooManyBadImagesError(f"no readable image left in {base.name} ({base.split})")
+        data, label, j = self.base.read_encoded(i)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, j
 
 
 def collate_jpeg(samples: Sequence[tuple[Tensor, int, int]]) -> tuple[Packed, Tensor, Tensor]:
@@ -317,7 +304,7 @@ class JpegDecoder:
         except Exception as e:  # PIL raises many types for broken files; all mean "bad"
             reason = error_reason(e)
         self.bad_files += 1
-        _mark_bad(self.dataset, j, reason)
+        self.dataset.mark_bad(j, reason)
         crops, y, j2 = CropDataset(self.dataset, plan, epoch)[j]
         labels[k], index[k] = y, j2
         return crops
@@ -369,32 +356,11 @@ class JpegDecoder:
         ds = self.dataset
         j = int(index[k])
         self.bad_files += 1
-        _mark_bad(ds, j, reason)
+        ds.mark_bad(j, reason)
         # The dataset's own rule: the next readable image (it skips j, now marked bad).
         x, y, j2 = ds[j]
         labels[k], index[k] = y, j2
         return x
-
-
-# --------------------------------------------------------------------------------------------
-# The dataset's bad-file bookkeeping
-# --------------------------------------------------------------------------------------------
-
-
-def _is_bad(ds: FileImageDataset, j: int) -> bool:
-    return bool(ds._bad[j])
-
-
-def _mark_bad(ds: FileImageDataset, j: int, reason: str) -> None:
-    """Record file ``j`` as unreadable exactly as a worker would (warning, shared mask,
-    ``max_bad_fraction`` check). Uses ``FileImageDataset.mark_bad`` when it exists."""
-    mark = getattr(ds, "mark_bad", None)
-    if callable(mark):
-        mark(j, reason)
-        return
-    ds._bad[j] = 1
-    _ds._warn_bad(ds.path(j), reason)
-    ds._check_bad_count(ds.bad_count)
 
 
 _AVAILABLE: dict[str, bool] = {}
@@ -423,7 +389,7 @@ def use_gpu_decode(dataset: object, device: torch.device | str) -> bool:
     return (
         isinstance(dataset, FileImageDataset)
         and dataset.all_jpeg
-        and getattr(dataset, "_cache", None) is None
+        and dataset.decoded_cache is None
         and gpu_decode_available(device)
     )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sslcli.data.datasets import ImageDataset
+from sslcli.data.images import ImageDataset
 
 
 @dataclass

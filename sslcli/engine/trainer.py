@@ -46,10 +46,12 @@ from sslcli import contract, registry
 from sslcli.backbones import feature_dim, make_spec
 from sslcli.config import RunConfig, flatten_dotted, save_json
 from sslcli.data.augment import ViewPipeline
+from sslcli.data.cache import maybe_cache
 from sslcli.data.crops import CropDataset, CropPlan, Crops, collate_crops
-from sslcli.data.datasets import ImageDataset, LabelledSubset, available_splits, open_dataset
+from sslcli.data.datasets import available_splits, open_dataset
 from sslcli.data.gpu_decode import JpegBytesDataset, JpegDecoder, collate_jpeg, use_gpu_decode
-from sslcli.data.loader import DevicePrefetcher, maybe_cache, to_device
+from sslcli.data.images import ImageDataset, LabelledSubset
+from sslcli.data.loader import DevicePrefetcher, to_device
 from sslcli.engine.dryrun import DryRun
 from sslcli.engine.knn_monitor import knn_monitor
 from sslcli.errors import (

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from sslcli.data.augment import ViewPipeline
-from sslcli.data.datasets import ImageDataset, available_splits, open_dataset
+from sslcli.data.datasets import available_splits, open_dataset
+from sslcli.data.images import ImageDataset
 from sslcli.errors import EvalError
 from sslcli.eval import cache as feature_cache
 from sslcli.eval.finetune import (

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sslcli.data.datasets import ImageDataset
+from sslcli.data.images import ImageDataset
 from sslcli.eval.features import extract
 from sslcli.runs.targets import Target
 from sslcli.runtime import autocast, eval_mode

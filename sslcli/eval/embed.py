@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sslcli.data.datasets import SPLITS, FileImageDataset, ImageDataset, open_dataset
+from sslcli.data.datasets import SPLITS, open_dataset
+from sslcli.data.images import FileImageDataset, ImageDataset
 from sslcli.errors import DataError, EmbedError
 from sslcli.eval.embeddings import (
     DTYPES,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslcli.data.augment import ViewPipeline
-from sslcli.data.datasets import ImageDataset
+from sslcli.data.images import ImageDataset
 from sslcli.data.views import ViewSpec
 from sslcli.errors import EvalError
 from sslcli.eval.features import extract, iter_batches

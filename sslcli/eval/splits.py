@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sslcli.data.datasets import ImageDataset
+from sslcli.data.images import ImageDataset
 
 LABEL_SUBSET_SEED = 0
 HOLDOUT_SEED = 1
@@ -78,7 +78,7 @@ class RowSubset(ImageDataset):
         self.labels = base.labels[rows]
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        i = self._index(i)
+        i = self.check_index(i)
         x, y, _ = self.base[int(self.rows[i])]
         return x, y, i
 

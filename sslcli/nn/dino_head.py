@@ -112,10 +112,6 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
-LOCAL_TO_GLOBAL = 96 / 224
-"""Side of a local crop relative to a global one in SwAV and DINO (96 vs 224 pixels)."""
-
-
 def patch_size(backbone: nn.Module) -> int:
     """A ViT's patch side (crops must be a multiple of it); 1 for convnets."""
     embed = getattr(backbone, "patch_embed", None)
@@ -123,27 +119,6 @@ def patch_size(backbone: nn.Module) -> int:
     if size is None:
         return 1
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
-
-
-def local_crop_size(image_size: int, patch: int = 1) -> int:
-    """Local-crop side for global crops of ``image_size``: 96/224 of it, as on ImageNet.
-
-    Rounded to the nearest multiple of ``patch`` (a ViT's patch embedding needs whole
-    patches; 224 px with 16 px patches gives exactly 96 = 6 patches) and never below one
-    patch. Examples: 224 → 96; 32 → 14 for convnets and 12 for a ViT with 4 px patches;
-    96 (STL-10) → 41 / 40 with 8 px patches.
-    """
-    patch = max(1, patch)
-    side = round(image_size * LOCAL_TO_GLOBAL / patch) * patch
-    return max(patch, side)
-
-
-def multicrop_blur_frac(crop_size: int, image_size: int) -> float:
-    """Blur-kernel side, as a fraction of ``crop_size``, giving every crop the kernel of the
-    global crops in pixels: 23 px at 224 (SwAV's ``cv2.GaussianBlur(img, (23, 23), σ)`` on
-    every crop; DINO's PIL blur is not truncated at all, and 23 px covers ±3σ for σ ≤ 2 at
-    every crop size), scaled with the global image size; at most the whole crop."""
-    return min(1.0, (23 / 224) * image_size / crop_size)
 
 
 def multicrop_forward(backbone: nn.Module, views: list[Tensor]) -> Tensor:

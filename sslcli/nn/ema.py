@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from sslcli.nn.schedules import cosine_increase
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -35,3 +38,25 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
         return
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def ema_update_pairs_(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """:func:`ema_update_` of every ``(target, online)`` pair with one momentum: for a
+    momentum network whose parts (encoder, projector, head) mirror separate online modules."""
+    for target, online in pairs:
+        ema_update_(target, online, momentum)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """The EMA momentum of step ``k`` of ``K``: ``1 − (1 − base)·(cos(πk/K) + 1)/2``, from
+    ``base`` at the start to 1 at the end along half a cosine.
+
+    BYOL: "we start from τ_base = 0.996 and increase τ to one during training.
+    Specifically, we set τ ≜ 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 with k the current training
+    step and K the maximum number of training steps" (Grill et al. 2020, Sec. 3.3). MoCo v3
+    (official ``--moco-m-cos``, ``adjust_moco_momentum`` evaluated per iteration) and DINO
+    ("The teacher weights are updated with a cosine schedule from 0.996 to 1 during
+    training", Caron et al. 2021, Sec. 3.1) use the same rule.
+    """
+    return cosine_increase(step, total_steps, base, 1.0)

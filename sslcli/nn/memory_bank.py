@@ -88,6 +88,35 @@ class MemoryBank(nn.Module):
         return f"size={self.size}, dim={self.dim}, momentum={self.momentum}"
 
 
+class DeferredBankWrites:
+    """A step's features, held until after the optimiser step and then written into their
+    banks (InstDisc, CMC).
+
+    The official order: the loss reads the bank rows first, the rows take the new features
+    afterwards ("v_i ← m·v_i + (1 − m)·f_i", then normalised). A loss that reads the whole
+    bank (InstDisc's softmax variant) still needs the bank as it was during its backward
+    pass, so the write waits for :meth:`flush` in ``after_optimizer_step``. Not state: it
+    lives from ``training_step`` to ``after_optimizer_step`` of the same step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[Tensor, bool, list[tuple[MemoryBank, Tensor]]] | None = None
+
+    def stage(self, index: Tensor, distinct: bool, *writes: tuple[MemoryBank, Tensor]) -> None:
+        """Hold ``(bank, features)`` pairs for the images ``index`` of this step; ``distinct``
+        as in :meth:`MemoryBank.update`. Banks are written in the order given."""
+        self._pending = (index.detach(), distinct, [(b, f.detach()) for b, f in writes])
+
+    def flush(self) -> None:
+        """Write what :meth:`stage` held (nothing when nothing is staged)."""
+        if self._pending is None:
+            return
+        index, distinct, writes = self._pending
+        self._pending = None
+        for bank, features in writes:
+            bank.update(index, features, distinct)
+
+
 def _occurrence_rank(index: Tensor) -> Tensor:
     """For each position, how many earlier positions hold the same value (0 = first)."""
     n = index.numel()
