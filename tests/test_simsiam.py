@@ -16,9 +16,9 @@ from torch import nn
 
 from sslcli import api
 from sslcli.backbones import feature_dim, make_spec
-from sslcli.engine import schedules
 from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, StepInfo
+from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
 from tests.conftest import TINY
 
