@@ -17,7 +17,7 @@ from sslcli.backbones import make_spec
 from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, StepInfo
 from sslcli.nn.regression import byol_loss, normalized_mse
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_hidden_dim=64", "method.proj_dim=16", "method.pred_hidden_dim=64"]

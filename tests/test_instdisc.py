@@ -324,7 +324,7 @@ def test_eval_which_embedding_reads_the_unit_128d_embedding(
 
     from sslcli.cli.app import main
     from sslcli.runs.targets import load_target
-    from tests.test_eval import make_run
+    from tests.helpers import make_run
 
     run = make_run(tmp_path / method, method=method)
     t = load_target(run)

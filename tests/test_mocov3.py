@@ -26,7 +26,7 @@ from sslcli.nn.vit import (
     sincos_2d_table,
     use_sincos_pos_embed_,
 )
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.mlp_dim=32", "method.proj_dim=16"]

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY
 from PIL import Image
 
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.errors import ConfigError, DataError
+from tests.helpers import TINY
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import timm
-from conftest import TINY
 
 from sslcli import api
 from sslcli.errors import ConfigError, SSLError
+from tests.helpers import TINY
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, StepInfo
 from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_dim=32", "method.pred_hidden_dim=8"]
