@@ -112,21 +112,6 @@ def test_views_follow_the_official_augmentation() -> None:
     assert v.grayscale_p == 0.2 and not v.grayscale_first
 
 
-@pytest.mark.slow
-def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
-    result = api.train(
-        "invaspread",
-        overrides={
-            "backbone": {"name": "resnet18"},
-            "data": {"image_size": 16},
-            "trainer": {"epochs": 10, "batch_size": 128, "out": str(tmp_path), "log_every": 11},
-        },
-    )
-    print(f"invaspread kNN trained {result.knn_trained} random {result.knn_random}")
-    assert result.knn_trained is not None and result.knn_random is not None
-    assert result.knn_trained > result.knn_random
-
-
 def test_recipes_follow_the_fixed_official_schedule() -> None:
     """demo_seen.py after the authors' "fix lr bug": lr x0.1 from epoch 120, x0.05 from 160,
     x0.01 from 200 (each relative to the base lr), 301 epochs. The old code took only the

@@ -219,25 +219,3 @@ def test_recipes_resolve() -> None:
     assert run.method == "simsiam" and run.trainer.batch_size == 512 and run.trainer.epochs == 100
     _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-cifar.toml")
     assert run.data.image_size == 32 and cfg.num_proj_layers == 2 and cfg.blur_p == 0.0
-
-
-# -- a short real run (kept out of CI) ------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
-    # The paper's CIFAR setup (2-layer projector, no blur, wd 5e-4) with a larger learning
-    # rate: at 0.03 x 64/256 the predictor needs far more than 110 steps to align p with
-    # z (the loss stays near 0); 0.5 x B/256 is solo-learn's CIFAR rate.
-    result = api.train(
-        "simsiam",
-        config=RECIPES / "simsiam-cifar.toml",
-        overrides={
-            "data": {"dataset": "digits", "image_size": 16},
-            "backbone": {"name": "resnet18"},
-            "optim": {"lr": 0.5},
-            "trainer": {"epochs": 5, "batch_size": 64, "out": str(tmp_path), "log_every": 10},
-        },
-    )
-    assert result.knn_trained is not None and result.knn_random is not None
-    assert result.knn_trained > result.knn_random
