@@ -19,7 +19,6 @@ from sslcli.method import Batch, StepInfo
 from sslcli.nn.regression import byol_loss, normalized_mse
 from tests.helpers import TINY
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_hidden_dim=64", "method.proj_dim=16", "method.pred_hidden_dim=64"]
 
 
@@ -214,15 +213,3 @@ def test_engine_updates_the_target_after_the_optimizer_with_the_steps_tau(tmp_pa
     # The target never receives gradients; every online parameter does.
     assert all(p.grad is None for p in m.target.parameters())
     assert all(p.grad is not None for p in online() + list(m.predictor.parameters()))
-
-
-def test_recipes_resolve() -> None:
-    _, run, cfg = api.resolve_config("byol")
-    assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("lars", 0.2, 1.5e-6)
-    assert run.optim.exclude_norm_bias and run.schedule.kind == "cosine"
-    assert cfg.base_momentum == 0.996
-    _, run, cfg = api.resolve_config(config=RECIPES / "byol-imagenet.toml")
-    assert run.method == "byol" and run.trainer.batch_size == 4096 and run.trainer.epochs == 1000
-    assert run.data.image_size == 224 and run.backbone.name == "resnet50"
-    _, run, cfg = api.resolve_config(config=RECIPES / "byol-cifar.toml")
-    assert run.method == "byol" and run.data.image_size == 32 and cfg.blur_p == (0.0, 0.0)

@@ -235,20 +235,6 @@ def test_options_are_validated() -> None:
         _method(directions=["top-down", "top-down"])
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
-
-
-def test_recipes_resolve() -> None:
-    _, run, cfg = api.resolve_config("cpc")
-    assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("adamw", 2e-4, 0.0)
-    assert run.schedule.kind == "constant" and run.trainer.batch_size == 8
-    assert cfg.directions == ["top-down", "bottom-up", "left-right", "right-left"]
-    _, run, _ = api.resolve_config("cpc", overrides={"trainer": {"batch_size": 64}})
-    assert run.trainer.batch_size == 64  # the recipe's CPU batch yields to the user's
-    _, run, cfg = api.resolve_config(config=RECIPES / "cpc-imagenet.toml")
-    assert run.method == "cpc" and run.backbone.name == "resnet50"
-    assert run.data.image_size == 256 and run.trainer.batch_size == 128
-    assert grid_geometry(run.data.image_size, cfg.grid_size) == (64, 32)
 
 
 def test_v2_appendix_options_target_width_offsets_scale_and_weighting() -> None:

@@ -28,7 +28,6 @@ from sslcli.nn.shuffle_bn import (
     split_batchnorm,
 )
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
 
@@ -321,16 +320,6 @@ def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
     method_cls, run, mcfg = api.resolve_config("moco-v2", overrides=o)
     tr = Trainer(run, method_cls, mcfg)
     assert tr.method.queue.size == 128  # 1797 images // 8 = 224 -> 128
-
-
-def test_recipe_files_resolve() -> None:
-    _, run, cfg = api.resolve_config(config=RECIPES / "moco-v1-imagenet.toml")
-    assert run.schedule.milestones == [120, 160] and run.trainer.epochs == 200
-    assert cfg.temperature == 0.07 and run.trainer.batch_size == 256
-    _, run, cfg = api.resolve_config(config=RECIPES / "moco-v2-cifar.toml")
-    assert (cfg.queue_size, cfg.momentum, cfg.temperature, cfg.head) == (4096, 0.99, 0.1, "linear")
-    assert run.optim.lr == 0.06 and run.optim.weight_decay == 5e-4
-    assert run.trainer.batch_size == 512 and cfg.bn_group_size == 64
 
 
 def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_loss() -> None:

@@ -22,7 +22,6 @@ from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
 from tests.helpers import TINY
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_dim=32", "method.pred_hidden_dim=8"]
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
@@ -208,14 +207,7 @@ def test_without_fix_pred_lr_everything_follows_the_schedule(tmp_path: Path) -> 
     assert all(g["lr"] < 0.01 * tr.base_lr for g in tr.optimizer.param_groups)
 
 
-def test_recipes_resolve() -> None:
-    _, run, cfg = api.resolve_config("simsiam")
-    assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("sgd", 0.05, 1e-4)
-    assert run.optim.momentum == 0.9 and not run.optim.exclude_norm_bias
-    assert run.schedule.kind == "cosine" and run.schedule.warmup_epochs is None
+def test_class_recipe_has_no_warm_up() -> None:
+    """main_simsiam.py: cosine from the first epoch (what bare ``ssl train simsiam``
+    resolves to is in test_recipes.py)."""
     assert SimSiam.recipe.schedule["warmup_epochs"] == 0
-    assert cfg.fix_pred_lr and cfg.proj_dim == 2048 and cfg.pred_hidden_dim == 512
-    _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-imagenet.toml")
-    assert run.method == "simsiam" and run.trainer.batch_size == 512 and run.trainer.epochs == 100
-    _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-cifar.toml")
-    assert run.data.image_size == 32 and cfg.num_proj_layers == 2 and cfg.blur_p == 0.0
