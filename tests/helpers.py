@@ -28,6 +28,7 @@ from sslcli import api, registry
 from sslcli.backbones import make_spec
 from sslcli.cli.app import main
 from sslcli.config import save_json
+from sslcli.method import Batch
 from sslcli.runs import checkpoint as ckpt
 from sslcli.testing import ContractCase
 
@@ -55,6 +56,26 @@ def cli_lines(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
     """As :func:`cli`, with stderr as its non-blank lines."""
     code, out, err = cli(argv, capsys)
     return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# One method, built directly, and a batch for its training step
+# --------------------------------------------------------------------------------------------
+
+
+def build_method(name: str, *sets: str, backbone: str = "test_resnet", size: int = 16) -> Any:
+    """The registered method ``name`` with its defaults and ``--set`` values ``sets``, on a
+    tiny backbone, its weights drawn after seeding 0."""
+    cls, _, cfg = api.resolve_config(name, sets=list(sets))
+    torch.manual_seed(0)
+    return cls(cfg, make_spec(backbone, size).build())
+
+
+def two_view_batch(n: int = 8, *, size: int = 16, seed: int = 1) -> Batch:
+    """``n`` images as two views of Gaussian noise, indices 0..n-1."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(n, 3, size, size, generator=g) for _ in range(2)]
+    return Batch(views=views, index=torch.arange(n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +304,26 @@ def make_run(
     ]  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return out
+
+
+def write_fake_export(d: Path, **changes: Any) -> Path:
+    """An export directory as ``ssl export`` writes it (timm's ``test_resnet`` at random
+    init, safetensors and config.json), with ``changes`` over the top level of its config."""
+    import timm
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors"))
+    cfg: dict[str, Any] = {
+        "architecture": "test_resnet", "num_classes": 0, "model_args": {},
+        "pretrained_cfg": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3},
+        "sslcli": {"format": 1, "method": "simclr", "step": 2},
+    }  # fmt: skip
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
 
 
 # --------------------------------------------------------------------------------------------

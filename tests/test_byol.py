@@ -15,26 +15,17 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.engine.trainer import Trainer
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn.regression import byol_loss, normalized_mse
-from tests.helpers import TINY
+from tests.helpers import TINY, build_method, two_view_batch
 
 SMALL = ["method.proj_hidden_dim=64", "method.proj_dim=16", "method.pred_hidden_dim=64"]
 
 
 def _method(*sets: str) -> BYOL:
-    cls, _, cfg = api.resolve_config("byol", sets=[*SMALL, *sets])
-    torch.manual_seed(0)
-    m = cls(cfg, make_spec("test_resnet", 16).build())
+    m = build_method("byol", *SMALL, *sets)
     assert isinstance(m, BYOL)
     return m
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(
-        views=[torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)], index=torch.arange(n)
-    )
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -141,7 +132,7 @@ def test_target_runs_in_training_mode_and_keeps_its_own_bn_statistics() -> None:
     m.train()
     bn_t = next(x for x in m.target.modules() if isinstance(x, nn.BatchNorm1d))
     bn_o = next(x for x in m.projector.modules() if isinstance(x, nn.BatchNorm1d))
-    batch = _batch(8)
+    batch = two_view_batch(8)
     m.training_step(batch, StepInfo(0, 0, 10, 10))
     # One forward per view on each side: two batches of statistics each.
     assert int(bn_t.num_batches_tracked) == 2 and int(bn_o.num_batches_tracked) == 2
@@ -156,7 +147,7 @@ def test_target_runs_in_training_mode_and_keeps_its_own_bn_statistics() -> None:
 
 def test_training_step_loss_equals_the_formula_on_the_networks_outputs() -> None:
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref_online = copy.deepcopy(nn.ModuleDict({"b": m.backbone, "g": m.projector, "q": m.predictor}))
     ref_target = copy.deepcopy(m.target)
     out = m.training_step(batch, StepInfo(0, 0, 10, 10))

@@ -8,7 +8,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.errors import ConfigError
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn.queue import KeyQueue
 from sslcli.nn.shuffle_bn import (
     bn_groups,
@@ -27,20 +26,9 @@ from sslcli.nn.shuffle_bn import (
     shuffle_bn_forward,
     split_batchnorm,
 )
+from tests.helpers import build_method, two_view_batch
 
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
-
-
-def _method(name: str, *sets: str) -> Any:
-    cls, _, cfg = api.resolve_config(name, sets=list(sets))
-    torch.manual_seed(0)
-    return cls(cfg, make_spec("test_resnet", 16).build())
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)]
-    return Batch(views=views, index=torch.arange(n))
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -252,8 +240,8 @@ def test_shuffle_bn_forward_normalises_shuffled_groups() -> None:
 
 
 def test_heads_views_and_recipes() -> None:
-    v1 = _method("moco-v1", "method.queue_size=64")
-    v2 = _method("moco-v2", "method.queue_size=64")
+    v1 = build_method("moco-v1", "method.queue_size=64")
+    v2 = build_method("moco-v2", "method.queue_size=64")
     width = 96  # test_resnet
     assert isinstance(v1.head, nn.Linear) and v1.head.in_features == width
     assert v1.head.out_features == 128
@@ -306,7 +294,7 @@ def test_queue_larger_than_the_data_set_warns_and_the_default_says_where_it_came
     m = cls(cfg, make_spec("test_resnet", 16).build(), dataset_size=40)
     assert m.queue.size == 4
     with pytest.raises(ConfigError, match=r"4 \(the default for 40 images.*multiple of the 8"):
-        m.training_step(_batch(8), STEP)
+        m.training_step(two_view_batch(8), STEP)
 
 
 def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
@@ -323,7 +311,9 @@ def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
 
 
 def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_loss() -> None:
-    m = _method("moco-v2", "method.queue_size=16", "method.momentum=0.5", "method.bn_group_size=8")
+    m = build_method(
+        "moco-v2", "method.queue_size=16", "method.momentum=0.5", "method.bn_group_size=8"
+    )
     m.train()
     with torch.no_grad():  # as after an optimiser step: query and key encoders differ
         for p in list(m.backbone.parameters()) + list(m.head.parameters()):
@@ -331,7 +321,7 @@ def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_los
     old_key = copy.deepcopy(m.key_encoder)
     online = nn.Sequential(copy.deepcopy(m.backbone), copy.deepcopy(m.head))
     old_queue = m.queue.keys.clone()
-    batch = _batch(8)
+    batch = two_view_batch(8)
 
     out = m.training_step(batch, STEP)
 
@@ -353,11 +343,11 @@ def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_los
 
 
 def test_symmetric_loss_sums_both_directions_and_enqueues_both_keys() -> None:
-    m = _method(
+    m = build_method(
         "moco-v1", "method.queue_size=32", "method.symmetric=true", "method.bn_group_size=8"
     )
     old_queue = m.queue.keys.clone()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     out = m.training_step(batch, STEP)
     x1, x2 = batch.views
     with torch.no_grad():
@@ -374,8 +364,8 @@ def test_symmetric_loss_sums_both_directions_and_enqueues_both_keys() -> None:
 
 
 def test_query_bn_is_split_into_groups() -> None:
-    m = _method("moco-v1", "method.queue_size=16", "method.bn_group_size=4")
-    x = _batch(8).views[0] + torch.arange(8.0).view(8, 1, 1, 1)
+    m = build_method("moco-v1", "method.queue_size=16", "method.bn_group_size=4")
+    x = two_view_batch(8).views[0] + torch.arange(8.0).view(8, 1, 1, 1)
     with torch.no_grad():
         split = m._queries(x)
         whole = F.normalize(m.head(m.backbone(x)), dim=1)
@@ -387,17 +377,17 @@ def test_query_bn_is_split_into_groups() -> None:
 
 
 def test_bad_queue_or_group_size_is_a_config_error() -> None:
-    m = _method("moco-v2", "method.queue_size=20")
+    m = build_method("moco-v2", "method.queue_size=20")
     with pytest.raises(ConfigError, match=r"method\.queue_size"):
-        m.training_step(_batch(8), STEP)
-    m = _method("moco-v2", "method.queue_size=16", "method.bn_group_size=3")
+        m.training_step(two_view_batch(8), STEP)
+    m = build_method("moco-v2", "method.queue_size=16", "method.bn_group_size=3")
     with pytest.raises(ConfigError, match=r"method\.bn_group_size"):
-        m.training_step(_batch(8), STEP)
+        m.training_step(two_view_batch(8), STEP)
 
 
 def test_key_encoder_gets_no_gradient_and_is_exportable() -> None:
-    m = _method("moco-v2", "method.queue_size=16")
-    out = m.training_step(_batch(8), STEP)
+    m = build_method("moco-v2", "method.queue_size=16")
+    out = m.training_step(two_view_batch(8), STEP)
     out.loss.backward()
     assert all(p.grad is None for p in m.key_encoder.parameters())
     assert all(

@@ -18,7 +18,7 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.engine.trainer import Trainer
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn import dist
 from sslcli.nn.vit import (
     freeze_patch_projection_,
@@ -26,24 +26,16 @@ from sslcli.nn.vit import (
     sincos_2d_table,
     use_sincos_pos_embed_,
 )
-from tests.helpers import TINY
+from tests.helpers import TINY, build_method, two_view_batch
 
 SMALL = ["method.mlp_dim=32", "method.proj_dim=16"]
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
 
 def _method(backbone: str = "test_resnet", size: int = 16, *sets: str) -> MoCoV3:
-    cls, _, cfg = api.resolve_config("moco-v3", sets=[*SMALL, *sets])
-    torch.manual_seed(0)
-    m = cls(cfg, make_spec(backbone, size).build())
+    m = build_method("moco-v3", *SMALL, *sets, backbone=backbone, size=size)
     assert isinstance(m, MoCoV3)
     return m
-
-
-def _batch(n: int = 8, size: int = 16, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, size, size, generator=g) for _ in range(2)]
-    return Batch(views=views, index=torch.arange(n))
 
 
 # -- the contrastive loss -------------------------------------------------------------------------
@@ -141,7 +133,7 @@ def test_momentum_update_happens_before_the_keys() -> None:
     old_mom = copy.deepcopy(m.momentum_encoder)
     base = nn.Sequential(copy.deepcopy(m.backbone), copy.deepcopy(m.projector))
     pred = copy.deepcopy(m.predictor)
-    batch = _batch(8)
+    batch = two_view_batch(8)
     out = m.training_step(batch, STEP)
     # θ_k ← 0.5·θ_k + 0.5·θ_q, once, over backbone + projector only.
     for pk, po, pq in zip(
@@ -165,7 +157,7 @@ def test_momentum_encoder_is_frozen_and_has_no_predictor() -> None:
     m = _method()
     assert set(dict(m.momentum_encoder.named_children())) == {"backbone", "projector"}
     assert all(not p.requires_grad for p in m.momentum_encoder.parameters())
-    m.training_step(_batch(8), STEP).loss.backward()
+    m.training_step(two_view_batch(8), STEP).loss.backward()
     assert all(p.grad is None for p in m.momentum_encoder.parameters())
     trainable = [p for p in m.parameters() if p.requires_grad]
     assert all(p.grad is not None for p in trainable)

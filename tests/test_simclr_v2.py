@@ -13,14 +13,13 @@ from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.errors import ConfigError
 from sslcli.method import Batch, StepInfo
+from tests.helpers import build_method
 
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
 
 def _method(*sets: str, backbone: str = "test_resnet") -> Any:
-    cls, _, cfg = api.resolve_config("simclr-v2", sets=list(sets))
-    torch.manual_seed(0)
-    return cls(cfg, make_spec(backbone, 16).build())
+    return build_method("simclr-v2", *sets, backbone=backbone)
 
 
 def _views(n: int = 8) -> list[torch.Tensor]:

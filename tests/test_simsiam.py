@@ -17,27 +17,19 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import feature_dim, make_spec
 from sslcli.engine.trainer import Trainer
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
-from tests.helpers import TINY
+from tests.helpers import TINY, build_method, two_view_batch
 
 SMALL = ["method.proj_dim=32", "method.pred_hidden_dim=8"]
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
 
 def _method(*sets: str) -> SimSiam:
-    cls, _, cfg = api.resolve_config("simsiam", sets=[*SMALL, *sets])
-    torch.manual_seed(0)
-    m = cls(cfg, make_spec("test_resnet", 16).build())
+    m = build_method("simsiam", *SMALL, *sets)
     assert isinstance(m, SimSiam)
     return m
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)]
-    return Batch(views=views, index=torch.arange(n))
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -85,7 +77,7 @@ def test_method_gradient_flows_through_the_predictions_only() -> None:
     """The backbone's gradient equals that of −½[cos(p₁, z₂.detach()) + cos(p₂, z₁.detach())]
     computed by hand, and differs from the gradient without the stop-gradient."""
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref = copy.deepcopy(m)
     m.training_step(batch, STEP).loss.backward()
     got = [p.grad.clone() for p in m.backbone.parameters()]
@@ -147,7 +139,7 @@ def test_views_are_moco_v2s_augmentation() -> None:
 
 def test_embedding_is_the_normalised_projection_so_collapse_shows_as_zero_std() -> None:
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref = copy.deepcopy(m)
     out = m.training_step(batch, STEP)
     with torch.no_grad():
