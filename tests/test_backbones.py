@@ -20,7 +20,7 @@ from sslcli.cli.app import main
 from sslcli.data.views import ViewSpec
 from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, Method, StepInfo, StepOutput
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 # ---------------------------------------------------------------------------------------------
 # Residual-block initialisation per method
@@ -283,7 +283,7 @@ def test_resume_refuses_a_backbone_an_older_version_built_otherwise(tmp_path: Pa
     has the same parameter shapes; resuming it must not silently change the network."""
     from sslcli.errors import ConfigError
     from sslcli.runs import checkpoint as ckpt
-    from tests.test_eval import make_run
+    from tests.helpers import make_run
 
     sets = ["backbone.kwargs.depth=1", "method.mlp_dim=32"]
     run_dir = make_run(tmp_path / "run", "moco-v3", "vit-s", 32, sets=sets)

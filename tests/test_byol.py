@@ -16,28 +16,18 @@ from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.data.views import asymmetric_views
 from sslcli.engine.trainer import Trainer
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn import cosine_momentum
 from sslcli.nn.regression import byol_loss, normalized_mse
-from tests.conftest import TINY
+from tests.helpers import TINY, build_method, two_view_batch
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_hidden_dim=64", "method.proj_dim=16", "method.pred_hidden_dim=64"]
 
 
 def _method(*sets: str) -> BYOL:
-    cls, _, cfg = api.resolve_config("byol", sets=[*SMALL, *sets])
-    torch.manual_seed(0)
-    m = cls(cfg, make_spec("test_resnet", 16).build())
+    m = build_method("byol", *SMALL, *sets)
     assert isinstance(m, BYOL)
     return m
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(
-        views=[torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)], index=torch.arange(n)
-    )
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -144,7 +134,7 @@ def test_target_runs_in_training_mode_and_keeps_its_own_bn_statistics() -> None:
     m.train()
     bn_t = next(x for x in m.target.modules() if isinstance(x, nn.BatchNorm1d))
     bn_o = next(x for x in m.projector.modules() if isinstance(x, nn.BatchNorm1d))
-    batch = _batch(8)
+    batch = two_view_batch(8)
     m.training_step(batch, StepInfo(0, 0, 10, 10))
     # One forward per view on each side: two batches of statistics each.
     assert int(bn_t.num_batches_tracked) == 2 and int(bn_o.num_batches_tracked) == 2
@@ -159,7 +149,7 @@ def test_target_runs_in_training_mode_and_keeps_its_own_bn_statistics() -> None:
 
 def test_training_step_loss_equals_the_formula_on_the_networks_outputs() -> None:
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref_online = copy.deepcopy(nn.ModuleDict({"b": m.backbone, "g": m.projector, "q": m.predictor}))
     ref_target = copy.deepcopy(m.target)
     out = m.training_step(batch, StepInfo(0, 0, 10, 10))
@@ -216,36 +206,3 @@ def test_engine_updates_the_target_after_the_optimizer_with_the_steps_tau(tmp_pa
     # The target never receives gradients; every online parameter does.
     assert all(p.grad is None for p in m.target.parameters())
     assert all(p.grad is not None for p in online() + list(m.predictor.parameters()))
-
-
-def test_recipes_resolve() -> None:
-    _, run, cfg = api.resolve_config("byol")
-    assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("lars", 0.2, 1.5e-6)
-    assert run.optim.exclude_norm_bias and run.schedule.kind == "cosine"
-    assert cfg.base_momentum == 0.996
-    _, run, cfg = api.resolve_config(config=RECIPES / "byol-imagenet.toml")
-    assert run.method == "byol" and run.trainer.batch_size == 4096 and run.trainer.epochs == 1000
-    assert run.data.image_size == 224 and run.backbone.name == "resnet50"
-    _, run, cfg = api.resolve_config(config=RECIPES / "byol-cifar.toml")
-    assert run.method == "byol" and run.data.image_size == 32 and cfg.blur_p == (0.0, 0.0)
-
-
-# -- a short real run (kept out of CI) ------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
-    # The small-image preset (its optimiser is sized for short runs at small batches; the
-    # ImageNet LARS rates x B/256 would barely move the weights in a few hundred steps).
-    result = api.train(
-        "byol",
-        config=RECIPES / "byol-cifar.toml",
-        overrides={
-            "data": {"dataset": "digits", "image_size": 16},
-            "backbone": {"name": "resnet18"},
-            "schedule": {"warmup_epochs": 0.5},
-            "trainer": {"epochs": 5, "batch_size": 64, "out": str(tmp_path), "log_every": 10},
-        },
-    )
-    assert result.knn_trained is not None and result.knn_random is not None
-    assert result.knn_trained > result.knn_random

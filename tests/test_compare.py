@@ -17,7 +17,7 @@ import pytest
 from sslcli import api
 from sslcli.config import save_json
 from sslcli.runs.compare import read_run, render
-from tests.test_eval import cli
+from tests.helpers import cli
 
 
 def fixture_run(

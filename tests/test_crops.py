@@ -283,7 +283,7 @@ def test_batches_of_crops_keep_their_type_through_the_device_copy() -> None:
 def test_online_probe_reads_the_evaluation_square_from_worker_crops(tmp_path: Path) -> None:
     """Labelled image folder, one DataLoader worker, online probe on: the workers send the
     probe's centre square along with the crops."""
-    from tests.test_train_formats import write_image_tree
+    from tests.helpers import write_image_tree
 
     tree = write_image_tree(tmp_path / "tree", per_class=4)
     result = api.train(

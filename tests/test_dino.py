@@ -322,23 +322,3 @@ def test_center_is_averaged_over_processes(tmp_path: Path) -> None:
     want = 0.9 * torch.ones(1, 5) + 0.1 * t.mean(0, keepdim=True)
     for r in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"c{r}"), want)
-
-
-@pytest.mark.slow
-def test_dino_learns_on_digits(tmp_path: Path) -> None:
-    """A short real run: the teacher's kNN accuracy beats the random init."""
-    result = api.train(
-        "dino",
-        overrides={
-            # The official convnet runs have no stochastic depth (the recipe's 0.1 is ViTs').
-            "backbone": {"name": "resnet18", "drop_path_rate": 0.0},
-            "trainer": {"epochs": 8, "batch_size": 64, "out": str(tmp_path), "log_every": 22},
-            # 176 steps on 1,437 images: a 1024-wide output is plenty for 10 classes, a 0.996
-            # teacher would hardly move from its random init in so few steps, and 4 local
-            # crops instead of 8 keep the run within a CPU budget.
-            "method": {"out_dim": 1024, "momentum_teacher": 0.99, "local_crops_number": 4},
-        },
-    )
-    assert result.knn_trained is not None and result.knn_random is not None
-    print(f"dino kNN: trained {result.knn_trained:.4f} vs random {result.knn_random:.4f}")
-    assert result.knn_trained > result.knn_random

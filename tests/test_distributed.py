@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from sslcli_plugins.simclr import SimCLR
 from torch import nn
 
@@ -32,28 +29,9 @@ from sslcli.data.views import ViewSpec
 from sslcli.engine.trainer import Trainer
 from sslcli.nn import dist
 from sslcli.runs import checkpoint as ckpt
-from tests.test_train_formats import write_idx
+from tests.helpers import spawn, torchrun_env, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(rank: int, world: int, port: int) -> None:
-    """What torchrun puts in each process's environment."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-
-
-def _spawn(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
 
 
 def _set_trainer_option(run: RunConfig, key: str, value: Any) -> None:
@@ -158,7 +136,7 @@ def _check_collectives(rank: int, world: int) -> None:
 
 
 def _bn_precision_worker(rank: int, world: int, port: int) -> None:
-    _env(rank, world, port)
+    torchrun_env(rank, world, port)
     tdist.init_process_group("gloo")
     try:
         g = torch.Generator().manual_seed(0)
@@ -187,7 +165,7 @@ def test_global_batchnorm_keeps_the_digits_of_x_minus_mean_on_cpu() -> None:
     """Two processes' GlobalBatchNorm == the exact (float64) BN of the whole batch to float32
     rounding of the result, even where a channel's mean dwarfs its spread: float32 sums
     were 7e-5 off here, and the error grew over training steps."""
-    _spawn(_bn_precision_worker)
+    spawn(_bn_precision_worker)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +211,7 @@ def _train(data: str, out: str, batch: int, sync_bn: bool) -> Trainer:
 
 
 def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    _env(rank, world, port)
+    torchrun_env(rank, world, port)
     tr = _train(data, out, batch=8, sync_bn=True)  # the global batch: 4 per process
     assert tdist.is_initialized() and tr.local_batch == 4
     assert any(isinstance(m, dist.GlobalBatchNorm) for m in tr.method.modules())
@@ -253,7 +231,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path: Path) ->
     one = _train(data, str(tmp_path / "one"), batch=8, sync_bn=False)
     init = {k: v.clone() for k, v in one.method.state_dict().items()}
     one.fit()
-    _spawn(_ddp_worker, data, str(tmp_path / "two"))
+    spawn(_ddp_worker, data, str(tmp_path / "two"))
 
     l1, l2 = _step_losses(tmp_path / "one"), _step_losses(tmp_path / "two")
     assert len(l1) == len(l2) == STEPS

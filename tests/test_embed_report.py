@@ -35,6 +35,7 @@ from sslcli.report.gather import pick_queries
 from sslcli.report.run import SECTIONS, write_report
 from sslcli.runs.targets import load_target
 from sslcli.runtime import pick_device
+from tests.helpers import cli
 
 DIGITS_TRAIN, DIGITS_TEST = 1438, 359
 
@@ -52,12 +53,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     })  # fmt: skip
     assert main(["eval", "knn", str(out), "--k", "20", "--json"]) == 0
     return out
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def similarity_matrix(x: np.ndarray) -> np.ndarray:

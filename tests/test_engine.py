@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sslcli.config import OptimConfig
-from sslcli.engine import schedules
 from sslcli.errors import CheckpointError
+from sslcli.nn import schedules
 from sslcli.optim import LARS, build_optimizer, default_param_groups, scaled_lr
 from sslcli.runs import checkpoint as ckpt
 

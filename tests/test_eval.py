@@ -15,9 +15,6 @@ import pytest
 import torch
 
 from sslcli import api
-from sslcli.backbones import make_spec
-from sslcli.cli.app import main
-from sslcli.config import save_json
 from sslcli.eval import linear as linear_mod
 from sslcli.eval.knn import knn_accuracies, knn_accuracy
 from sslcli.eval.linear import LinearHeads, linear_probe
@@ -25,95 +22,12 @@ from sslcli.eval.online_probe import OnlineProbe
 from sslcli.eval.splits import holdout_split, label_subset
 from sslcli.runs import checkpoint as ckpt
 from sslcli.runtime import eval_mode
-
-DIGITS_TRAIN = 1438
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixture runs, written directly (no training): config.json, metrics.jsonl, a checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def make_run(
-    out: Path,
-    method: str = "simclr",
-    backbone: str = "test_resnet",
-    image_size: int = 16,
-    small_stem: bool | None = None,
-    step: int = 2,
-    seed: int = 0,
-    sets: list[str] | None = None,
-    state_prefix: str = "",
-) -> Path:
-    """A run directory as the trainer leaves it, with non-trivial weights and BN statistics.
-
-    ``state_prefix`` mimics torch.compile's ``backbone._orig_mod.`` keys in the checkpoint.
-    """
-    from sslcli.engine.trainer import CHECKPOINT_FORMAT
-
-    overrides: dict[str, Any] = {
-        "backbone": {"name": backbone, "small_stem": small_stem},
-        "data": {"image_size": image_size},
-        "trainer": {"epochs": 1, "batch_size": 16, "eval_knn": False, "out": str(out)},
-    }
-    method_cls, run, mcfg = api.resolve_config(method, overrides=overrides, sets=sets or [])
-    b = run.backbone
-    spec = make_spec(
-        b.name, run.data.image_size, b.small_stem, b.drop_path_rate, b.kwargs, method=method_cls
-    )
-    torch.manual_seed(seed)
-    m = method_cls(mcfg, spec.build(), dataset_size=DIGITS_TRAIN)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if t.is_floating_point():
-                noise = torch.randn(t.shape, generator=g) * 0.05
-                t.add_(noise.abs() if "running_var" in name else noise)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(run, out / "config.json")
-    state = m.state_dict()
-    if state_prefix:
-        state = {
-            (k.replace("backbone.", state_prefix, 1) if k.startswith("backbone.") else k): v
-            for k, v in state.items()
-        }
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "epoch": 0,
-        "dataset_size": DIGITS_TRAIN,
-        "config": run.to_json_dict(),
-        "backbone": {
-            "timm_name": spec.timm_name,
-            "alias": spec.alias,
-            "image_size": spec.image_size,
-            "small_stem": spec.small_stem,
-            "kwargs": spec.kwargs,
-        },  # fmt: skip
-    }
-    ckpt.save(out / "checkpoints", step, {"model": state}, meta, keep=2)
-    t0 = time.time()
-    recs = [
-        {"event": "start", "method": method, "backbone": backbone, "dataset": "digits",
-         "knn_random": 0.5, "time": t0},
-        {"step": 1, "epoch": 0, "lr": 0.1, "loss": 5.0, "images_per_s": 100.0},
-        {"step": step, "epoch": 0, "lr": 0.1, "loss": 4.0, "images_per_s": 110.0},
-        {"event": "end", "step": step, "loss": 4.0, "knn_top1": 0.6, "knn_random": 0.5,
-         "images_per_s": 105.0, "wall_s": 3.0, "peak_mem_mb": 900.0, "time": t0 + 3},
-    ]  # fmt: skip
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return out
+from tests.helpers import DIGITS_TRAIN, cli, make_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_run(tmp_path_factory.mktemp("eval") / "simclr-run")
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from sslcli.cli.app import main
 from sslcli.runs.export import load_timm
 from sslcli.runs.targets import load_target
-from tests.test_eval import cli, make_run
+from tests.helpers import cli, make_run
 
 PLAIN_TIMM = textwrap.dedent(
     """

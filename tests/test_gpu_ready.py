@@ -35,9 +35,8 @@ from sslcli.optim import LARS
 from sslcli.runs import checkpoint as ckpt
 from sslcli.runtime import configure_backends
 from sslcli.testing import make_trainer
-from tests.test_contract import METHODS, case
-from tests.test_distributed import _env, _spawn
-from tests.test_train_formats import write_idx
+from tests.helpers import METHODS, spawn, torchrun_env, write_idx
+from tests.helpers import contract_case as case
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +367,7 @@ def _embedded_rows(tr: Trainer) -> list[int]:
 
 
 def _ready_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    _env(rank, world, port)
+    torchrun_env(rank, world, port)
     # compiled under DDP: the DDP wrapper is what gets compiled (gradient all-reduces keep
     # overlapping the backward), the method stays plain (recorded, not compiled: the
     # compiler's import alone would double this test's time)
@@ -400,7 +399,7 @@ def test_two_processes_share_initial_state_and_the_knn_work(tmp_path: Path) -> N
     data = str(write_idx(tmp_path / "data", n_train=40, n_test=10))
     out = tmp_path / "two"
     out.mkdir()
-    _spawn(_ready_worker, data, str(out))
+    spawn(_ready_worker, data, str(out))
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
     # 40 reference + 10 query images, half each; only rank 0 reports the number

@@ -8,7 +8,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import make_spec
 from sslcli.errors import ConfigError
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn.queue import KeyQueue
 from sslcli.nn.shuffle_bn import (
     bn_groups,
@@ -27,21 +26,9 @@ from sslcli.nn.shuffle_bn import (
     shuffle_bn_forward,
     split_batchnorm,
 )
+from tests.helpers import build_method, two_view_batch
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
-
-
-def _method(name: str, *sets: str) -> Any:
-    cls, _, cfg = api.resolve_config(name, sets=list(sets))
-    torch.manual_seed(0)
-    return cls(cfg, make_spec("test_resnet", 16).build())
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)]
-    return Batch(views=views, index=torch.arange(n))
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -253,8 +240,8 @@ def test_shuffle_bn_forward_normalises_shuffled_groups() -> None:
 
 
 def test_heads_views_and_recipes() -> None:
-    v1 = _method("moco-v1", "method.queue_size=64")
-    v2 = _method("moco-v2", "method.queue_size=64")
+    v1 = build_method("moco-v1", "method.queue_size=64")
+    v2 = build_method("moco-v2", "method.queue_size=64")
     width = 96  # test_resnet
     assert isinstance(v1.head, nn.Linear) and v1.head.in_features == width
     assert v1.head.out_features == 128
@@ -307,7 +294,7 @@ def test_queue_larger_than_the_data_set_warns_and_the_default_says_where_it_came
     m = cls(cfg, make_spec("test_resnet", 16).build(), dataset_size=40)
     assert m.queue.size == 4
     with pytest.raises(ConfigError, match=r"4 \(the default for 40 images.*multiple of the 8"):
-        m.training_step(_batch(8), STEP)
+        m.training_step(two_view_batch(8), STEP)
 
 
 def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
@@ -323,18 +310,10 @@ def test_trainer_gives_moco_the_data_set_size(tmp_path: Path) -> None:
     assert tr.method.queue.size == 128  # 1797 images // 8 = 224 -> 128
 
 
-def test_recipe_files_resolve() -> None:
-    _, run, cfg = api.resolve_config(config=RECIPES / "moco-v1-imagenet.toml")
-    assert run.schedule.milestones == [120, 160] and run.trainer.epochs == 200
-    assert cfg.temperature == 0.07 and run.trainer.batch_size == 256
-    _, run, cfg = api.resolve_config(config=RECIPES / "moco-v2-cifar.toml")
-    assert (cfg.queue_size, cfg.momentum, cfg.temperature, cfg.head) == (4096, 0.99, 0.1, "linear")
-    assert run.optim.lr == 0.06 and run.optim.weight_decay == 5e-4
-    assert run.trainer.batch_size == 512 and cfg.bn_group_size == 64
-
-
 def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_loss() -> None:
-    m = _method("moco-v2", "method.queue_size=16", "method.momentum=0.5", "method.bn_group_size=8")
+    m = build_method(
+        "moco-v2", "method.queue_size=16", "method.momentum=0.5", "method.bn_group_size=8"
+    )
     m.train()
     with torch.no_grad():  # as after an optimiser step: query and key encoders differ
         for p in list(m.backbone.parameters()) + list(m.head.parameters()):
@@ -342,7 +321,7 @@ def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_los
     old_key = copy.deepcopy(m.key_encoder)
     online = nn.Sequential(copy.deepcopy(m.backbone), copy.deepcopy(m.head))
     old_queue = m.queue.keys.clone()
-    batch = _batch(8)
+    batch = two_view_batch(8)
 
     out = m.training_step(batch, STEP)
 
@@ -364,11 +343,11 @@ def test_keys_come_from_the_updated_key_encoder_and_join_the_queue_after_the_los
 
 
 def test_symmetric_loss_sums_both_directions_and_enqueues_both_keys() -> None:
-    m = _method(
+    m = build_method(
         "moco-v1", "method.queue_size=32", "method.symmetric=true", "method.bn_group_size=8"
     )
     old_queue = m.queue.keys.clone()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     out = m.training_step(batch, STEP)
     x1, x2 = batch.views
     with torch.no_grad():
@@ -385,8 +364,8 @@ def test_symmetric_loss_sums_both_directions_and_enqueues_both_keys() -> None:
 
 
 def test_query_bn_is_split_into_groups() -> None:
-    m = _method("moco-v1", "method.queue_size=16", "method.bn_group_size=4")
-    x = _batch(8).views[0] + torch.arange(8.0).view(8, 1, 1, 1)
+    m = build_method("moco-v1", "method.queue_size=16", "method.bn_group_size=4")
+    x = two_view_batch(8).views[0] + torch.arange(8.0).view(8, 1, 1, 1)
     with torch.no_grad():
         split = m._queries(x)
         whole = F.normalize(m.head(m.backbone(x)), dim=1)
@@ -398,17 +377,17 @@ def test_query_bn_is_split_into_groups() -> None:
 
 
 def test_bad_queue_or_group_size_is_a_config_error() -> None:
-    m = _method("moco-v2", "method.queue_size=20")
+    m = build_method("moco-v2", "method.queue_size=20")
     with pytest.raises(ConfigError, match=r"method\.queue_size"):
-        m.training_step(_batch(8), STEP)
-    m = _method("moco-v2", "method.queue_size=16", "method.bn_group_size=3")
+        m.training_step(two_view_batch(8), STEP)
+    m = build_method("moco-v2", "method.queue_size=16", "method.bn_group_size=3")
     with pytest.raises(ConfigError, match=r"method\.bn_group_size"):
-        m.training_step(_batch(8), STEP)
+        m.training_step(two_view_batch(8), STEP)
 
 
 def test_key_encoder_gets_no_gradient_and_is_exportable() -> None:
-    m = _method("moco-v2", "method.queue_size=16")
-    out = m.training_step(_batch(8), STEP)
+    m = build_method("moco-v2", "method.queue_size=16")
+    out = m.training_step(two_view_batch(8), STEP)
     out.loss.backward()
     assert all(p.grad is None for p in m.key_encoder.parameters())
     assert all(
@@ -462,23 +441,3 @@ def test_two_processes_shuffle_across_ranks_and_share_one_queue(tmp_path: Path) 
     assert torch.equal(r0["keys"], r1["keys"]) and int(r0["ptr"]) == int(r1["ptr"]) == 8
     assert torch.equal(r0["keys"][:4], torch.full((4, 3), 1.0))
     assert torch.equal(r0["keys"][4:8], torch.full((4, 3), 2.0))
-
-
-# -- a short real run (kept out of CI) -------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["moco-v1", "moco-v2"])
-def test_short_run_on_digits_beats_random_init(name: str, tmp_path: Path) -> None:
-    result = api.train(
-        name,
-        overrides={
-            "backbone": {"name": "resnet18"},
-            "trainer": {"epochs": 15, "batch_size": 128, "out": str(tmp_path), "log_every": 11},
-            # digits has 1,437 images: a 65,536-key queue would hold random keys for the
-            # whole run, so the run uses a short queue and a faster-moving key encoder.
-            "method": {"queue_size": 1024, "momentum": 0.99},
-        },
-    )
-    assert result.knn_trained is not None and result.knn_random is not None
-    assert result.knn_trained > result.knn_random

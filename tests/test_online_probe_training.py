@@ -17,7 +17,7 @@ import torch
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.runs import checkpoint as ckpt
-from tests.test_train_formats import write_flat_folder, write_idx, write_stl10
+from tests.helpers import write_flat_folder, write_idx, write_stl10
 
 
 @pytest.fixture(scope="module")

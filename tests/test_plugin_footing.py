@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sslcli import api, registry
-from sslcli.cli.app import main
 from sslcli.errors import ConfigError, PluginError
-from tests.conftest import write_plugin_dist
+from tests.helpers import cli_lines as cli
+from tests.helpers import write_plugin_dist
 
 QUICK = [
     "--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8", "--epochs", "1",
@@ -72,12 +72,6 @@ class Sized(Method):
 
 # Small on a small run, the paper's 8192 on ImageNet-sized data.
 SIZED = 'return {"dim": 8192 if ctx.dataset_size > 100_000 else ctx.feature_dim // 2}'
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
-    code = main(argv)
-    cap = capsys.readouterr()
-    return code, cap.out, [line for line in cap.err.splitlines() if line.strip()]
 
 
 def _config(run: Path) -> dict:
@@ -254,7 +248,7 @@ def test_heads_rebuild_from_an_export_and_give_the_same_outputs(
 
     import sslcli
     from sslcli.runs.targets import load_target
-    from tests.test_eval import make_run
+    from tests.helpers import make_run
 
     run = make_run(tmp_path / "run", "byol", "test_resnet", 16)
     out = tmp_path / "export"
@@ -288,7 +282,7 @@ def test_heads_from_another_architecture_are_refused(
 
     import sslcli
     from sslcli.errors import TargetError
-    from tests.test_eval import make_run
+    from tests.helpers import make_run
 
     run = make_run(tmp_path / "run", "simclr", "test_resnet", 16)
     out = tmp_path / "export"

@@ -13,7 +13,8 @@ import pytest
 from sslcli import api, registry
 from sslcli.cli.app import main
 from sslcli.errors import ConfigError, MethodContractError, PluginError
-from tests.conftest import write_plugin_dist
+from tests.helpers import cli_lines as cli
+from tests.helpers import write_plugin_dist
 
 QUICK = [
     "--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8", "--epochs", "1",
@@ -68,12 +69,6 @@ class {cls}(Method):
         return {ret}
 {body}
 '''
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
-    code = main(argv)
-    cap = capsys.readouterr()
-    return code, cap.out, [line for line in cap.err.splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +385,7 @@ def test_resuming_a_finished_run_adds_no_second_end_event(tmp_path: Path) -> Non
 
 
 def test_exported_safetensors_honour_the_umask(tmp_path: Path) -> None:
-    from tests.test_eval import make_run
+    from tests.helpers import make_run
 
     run = make_run(tmp_path / "run")
     old = os.umask(0o027)

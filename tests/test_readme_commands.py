@@ -22,9 +22,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from test_train_formats import write_cifar, write_image_tree
 
 from sslcli.cli.app import main
+from tests.helpers import write_cifar, write_image_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -1,9 +1,13 @@
 """Every recipe file in ``examples/recipes/`` is rehearsed on CPU.
 
 CI, every file (parametrised over the directory listing, so a new file is included):
+- it parses (``api.read_recipe``) and resolves against its method as ``ssl train --config``
+  resolves it, to the values listed for it in ``STATES`` (and ``SYNC_BN``) below;
 - the command its header states (``ssl train -c FILE -d DATA``, alone or under
   ``torchrun``) plans with ``--dry-run`` for the header's GPU count, at full size, and the
   per-GPU batch is the one the header states.
+Also each method's own recipe (bare ``ssl train METHOD``) where a value is stated
+(``BUILT_IN``).
 
 Rehearsal (two steps, one resumed step, an export that reloads in timm) with the
 recipe's own method, method options, views, optimiser, schedule and backbone family, on
@@ -103,6 +107,142 @@ def test_header_command_plans_at_full_size(
     assert plan["trainer"]["batch_per_process"] == per_gpu
     assert plan["method"]["name"] == _recipe(path)["method"]["name"]
     assert not (tmp_path / "never").exists()
+
+
+# -- what each recipe resolves to --------------------------------------------------------------
+# What a recipe states, as the resolved run reads it: dotted paths into the run config, where
+# ``method.name`` is the method and ``method.KEY`` the method's option KEY.
+STATES: dict[str, dict[str, Any]] = {
+    "byol-imagenet.toml": {"trainer.batch_size": 4096, "trainer.epochs": 1000,
+                           "data.image_size": 224, "backbone.name": "resnet50"},
+    "byol-cifar.toml": {"data.image_size": 32, "method.blur_p": (0.0, 0.0)},
+    # grid 7 on 256 px: 64-px patches at stride 32 (test_cpc.py)
+    "cpc-imagenet.toml": {"backbone.name": "resnet50", "data.image_size": 256,
+                          "trainer.batch_size": 128, "method.grid_size": 7},
+    # demo_seen.py after the authors' "fix lr bug": lr x0.1 from epoch 120, x0.05 from 160,
+    # x0.01 from 200 (each relative to the base lr), 301 epochs. The old code took only the
+    # first branch of an if/elif chain (x0.1 from 120).
+    "invaspread-cifar.toml": {"schedule.kind": "step", "schedule.milestones": [120, 160, 200],
+                              "schedule.milestone_factors": [0.1, 0.05, 0.01],
+                              "trainer.epochs": 301},
+    "moco-v1-imagenet.toml": {"schedule.milestones": [120, 160], "trainer.epochs": 200,
+                              "method.temperature": 0.07, "trainer.batch_size": 256},
+    "moco-v2-cifar.toml": {"method.queue_size": 4096, "method.momentum": 0.99,
+                           "method.temperature": 0.1, "method.head": "linear", "optim.lr": 0.06,
+                           "optim.weight_decay": 5e-4, "trainer.batch_size": 512,
+                           "method.bn_group_size": 64},
+    # The official ViT-S has 12 heads (timm's 6); 40 warm-up epochs stated in the file.
+    "moco-v3-vit-s-imagenet.toml": {"backbone.name": "vit-s",
+                                    "backbone.kwargs": {"num_heads": 12}, "optim.name": "adamw",
+                                    "trainer.epochs": 300, "method.temperature": 0.2,
+                                    "schedule.warmup_epochs": 40},
+    "moco-v3-resnet50-imagenet.toml": {"optim.name": "lars", "optim.lr": 0.6,
+                                       "optim.weight_decay": 1e-6, "schedule.warmup_epochs": 10,
+                                       "method.temperature": 1.0, "method.crop_min_scale": 0.2,
+                                       "trainer.epochs": 100},
+    "moco-v3-cifar.toml": {"data.image_size": 32, "method.blur_p": (0.0, 0.0)},
+    "simclr-v2-cifar.toml": {"method.temperature": 0.5, "method.color_strength": 0.5,
+                             "method.blur_p": 0.0, "optim.lr_scaling": "linear",
+                             "optim.weight_decay": 1e-4},
+    "simclr-v2-imagenet.toml": {"trainer.batch_size": 4096, "optim.lr": 0.075},
+    "simsiam-imagenet.toml": {"trainer.batch_size": 512, "trainer.epochs": 100},
+    "simsiam-cifar.toml": {"data.image_size": 32, "method.num_proj_layers": 2,
+                           "method.blur_p": 0.0},
+}  # fmt: skip
+# Official codes that synchronise BatchNorm statistics over all processes: MoCo v3 and
+# SimSiam (convert_sync_batchnorm in main_moco.py / main_simsiam.py), BYOL and SimCLR
+# (cross-replica / global BN on TPU), SwAV (SyncBN; apex groups of 8 GPUs for the large
+# batches), DINO on a ResNet (SyncBN whenever the network has BatchNorm). MoCo v1/v2 use
+# shuffle-BN instead (per-GPU statistics on a shuffled key batch), on purpose.
+SYNC_BN = {
+    "byol-imagenet.toml",
+    "dino-resnet50-imagenet.toml",
+    "moco-v3-resnet50-imagenet.toml",
+    "moco-v3-vit-s-imagenet.toml",
+    "simclr-imagenet.toml",
+    "simclr-v2-imagenet.toml",
+    "simsiam-imagenet.toml",
+    "swav-imagenet-bs256.toml",
+    "swav-imagenet.toml",
+}
+PER_PROCESS_BN = {"moco-v1-imagenet.toml", "moco-v2-imagenet.toml"}
+# What bare ``ssl train METHOD`` (the method's own recipe) resolves to: (id, method,
+# overrides, states).
+BUILT_IN: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    ("byol", "byol", {}, {"optim.name": "lars", "optim.lr": 0.2, "optim.weight_decay": 1.5e-6,
+                          "optim.exclude_norm_bias": True, "schedule.kind": "cosine",
+                          "method.base_momentum": 0.996}),
+    ("cpc", "cpc", {}, {"optim.name": "adamw", "optim.lr": 2e-4, "optim.weight_decay": 0.0,
+                        "schedule.kind": "constant", "trainer.batch_size": 8,
+                        "method.directions": ["top-down", "bottom-up", "left-right",
+                                              "right-left"]}),
+    # the recipe's CPU batch yields to the user's
+    ("cpc-batch-64", "cpc", {"trainer": {"batch_size": 64}}, {"trainer.batch_size": 64}),
+    # The class recipe's warm-up for ViTs is the built-in default, not a stated value.
+    ("moco-v3-vit-s", "moco-v3", {"backbone": {"name": "vit-s"}},
+     {"optim.name": "adamw", "optim.lr": 1.5e-4, "optim.weight_decay": 0.1,
+      "optim.lr_scaling": "linear", "optim.exclude_norm_bias": False,
+      "schedule.warmup_epochs": None, "schedule.kind": "cosine", "method.temperature": None,
+      "method.momentum": 0.99, "method.momentum_cosine": True}),
+    # ResNets (the default resnet18 too) get the official ResNet-50 optimiser.
+    ("moco-v3", "moco-v3", {}, {"optim.name": "lars", "optim.lr": 0.6,
+                                "optim.weight_decay": 1e-6, "optim.exclude_norm_bias": True}),
+    ("simsiam", "simsiam", {}, {"optim.name": "sgd", "optim.lr": 0.05,
+                                "optim.weight_decay": 1e-4, "optim.momentum": 0.9,
+                                "optim.exclude_norm_bias": False, "schedule.kind": "cosine",
+                                "schedule.warmup_epochs": None, "method.fix_pred_lr": True,
+                                "method.proj_dim": 2048, "method.pred_hidden_dim": 512}),
+]  # fmt: skip
+
+
+def resolved(run: Any, mcfg: Any, key: str) -> Any:
+    """The value at a dotted path of the resolved run (``method.*``: the method's options)."""
+    section, _, rest = key.partition(".")
+    if section == "method":
+        return run.method if rest == "name" else getattr(mcfg, rest)
+    value = run
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def assert_states(run: Any, mcfg: Any, states: dict[str, Any]) -> None:
+    for key, want in states.items():
+        got = resolved(run, mcfg, key)
+        if isinstance(want, bool) or want is None:
+            assert got is want, f"{key}: {got!r}, not {want!r}"
+        else:
+            assert got == want, f"{key}: {got!r}, not {want!r}"
+
+
+def test_every_stated_recipe_is_a_file() -> None:
+    names = {p.name for p in FILES}
+    assert set(STATES) | SYNC_BN | PER_PROCESS_BN <= names
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_recipe_resolves_to_what_it_states(path: Path) -> None:
+    """Each file parses (``api.read_recipe``) and resolves against its method as
+    ``ssl train --config FILE`` resolves it; the values stated above are what the run gets."""
+    layer = api.read_recipe(path)
+    method_cls, run, mcfg = api.resolve_config(config=path)
+    assert run.method == layer["method"]["name"] == method_cls.name
+    states = dict(STATES.get(path.name, {}))
+    if path.name in SYNC_BN | PER_PROCESS_BN:
+        states["trainer.sync_bn"] = path.name in SYNC_BN
+    assert_states(run, mcfg, states)
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "states"),
+    [pytest.param(*row[1:], id=row[0]) for row in BUILT_IN],
+)
+def test_built_in_recipe_resolves_to_what_it_states(
+    method: str, overrides: dict[str, Any], states: dict[str, Any]
+) -> None:
+    _, run, mcfg = api.resolve_config(method, overrides=overrides)
+    assert run.method == method
+    assert_states(run, mcfg, states)
 
 
 # -- the rehearsal ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from sslcli import registry
 from sslcli.errors import PluginError
-from tests.conftest import write_plugin_dist
+from tests.helpers import write_plugin_dist
 
 BROKEN = {
     "fake_importerror": "import not_a_real_module_xyz\n",

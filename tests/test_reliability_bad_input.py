@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY
 from PIL import Image
 
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.errors import ConfigError, DataError
+from tests.helpers import TINY, write_fake_export
 
 
 def _train_args(out: Path, *extra: str) -> list[str]:
@@ -80,32 +80,14 @@ def test_compare_skips_damaged_metrics_lines(tmp_path: Path, capsys: Any) -> Non
     assert "simclr" in capsys.readouterr().out
 
 
-def _fake_export(d: Path, **changes: Any) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(d / "model.safetensors"))  # fmt: skip
-    cfg: dict[str, Any] = {
-        "architecture": "test_resnet", "num_classes": 0, "model_args": {},
-        "pretrained_cfg": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3},
-        "sslcli": {"format": 1, "method": "simclr", "step": 2},
-    }  # fmt: skip
-    cfg.update(changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
-
-
 def test_malformed_export_config(tmp_path: Path, capsys: Any) -> None:
-    exp = _fake_export(tmp_path / "exp", pretrained_cfg={"input_size": "abc"})
+    exp = write_fake_export(tmp_path / "exp", pretrained_cfg={"input_size": "abc"})
     assert main(["eval", "knn", str(exp)]) == 2
     assert "input_size" in _one_line(capsys)
 
 
 def test_bad_safetensors_header_in_export(tmp_path: Path, capsys: Any) -> None:
-    exp = _fake_export(tmp_path / "exp")
+    exp = write_fake_export(tmp_path / "exp")
     (exp / "model.safetensors").write_bytes(b"\xff" * 8 + b"not a header")
     assert main(["eval", "knn", str(exp)]) == 2
     assert str(exp) in _one_line(capsys)
@@ -119,13 +101,13 @@ def test_resuming_with_another_method_names_the_trained_one(tmp_path: Path) -> N
 
 
 def test_resuming_an_export_says_it_is_one(tmp_path: Path) -> None:
-    exp = _fake_export(tmp_path / "exp")
+    exp = write_fake_export(tmp_path / "exp")
     with pytest.raises(ConfigError, match="exported model"):
         api.resolve_config(resume=exp)
 
 
 def test_compare_refuses_an_export(tmp_path: Path, capsys: Any) -> None:
-    exp = _fake_export(tmp_path / "exp")
+    exp = write_fake_export(tmp_path / "exp")
     assert main(["compare", str(exp)]) == 2
     assert "exported model" in _one_line(capsys)
 

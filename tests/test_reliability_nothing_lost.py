@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY
 
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.config import deep_merge
 from sslcli.errors import CheckpointError, ConfigError, SSLError
 from sslcli.runs import checkpoint as ckpt
+from tests.helpers import TINY
 
 
 def _train(out: Path, method: str = "simclr", **kw: Any) -> Any:

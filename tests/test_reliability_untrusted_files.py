@@ -8,16 +8,15 @@ timm open a file), and file names inside the export directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import timm
-from conftest import TINY
 
 from sslcli import api
 from sslcli.errors import ConfigError, SSLError
+from tests.helpers import TINY, write_fake_export
 
 
 @pytest.fixture
@@ -88,27 +87,10 @@ def test_architecture_kwargs_pass_the_allow_list() -> None:
     assert run.backbone.kwargs == {"zero_init_last": False}
 
 
-def _export(d: Path, **changes: Any) -> Path:
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(d / "model.safetensors"))
-    cfg: dict[str, Any] = {
-        "architecture": "test_resnet", "num_classes": 0, "model_args": {},
-        "pretrained_cfg": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3},
-        "sslcli": {"format": 1, "method": "simclr", "step": 2},
-    }  # fmt: skip
-    cfg.update(changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
-
-
 def test_export_architecture_is_resolved(tmp_path: Path, timm_calls: Any) -> None:
     from sslcli.runs.targets import load_target
 
-    exp = _export(tmp_path / "exp", architecture="hf-hub:attacker/x")
+    exp = write_fake_export(tmp_path / "exp", architecture="hf-hub:attacker/x")
     timm_calls.clear()
     with pytest.raises(SSLError, match="hf-hub:attacker/x"):
         load_target(exp)
@@ -119,7 +101,8 @@ def test_export_model_args_are_allow_listed(tmp_path: Path, timm_calls: Any) -> 
     from sslcli import load_timm
     from sslcli.runs.targets import load_target
 
-    exp = _export(tmp_path / "exp", model_args={"checkpoint_path": str(tmp_path / "x.pth")})
+    bad = {"checkpoint_path": str(tmp_path / "x.pth")}
+    exp = write_fake_export(tmp_path / "exp", model_args=bad)
     timm_calls.clear()
     with pytest.raises(SSLError, match="checkpoint_path"):
         load_target(exp)
@@ -148,7 +131,7 @@ def test_export_companion_file_stays_inside(
     real_name = name if name.startswith("..") else str(outside)
     pair = {"which": "l", "color_space": "lab", "companion": {
         "which": "ab", "file": real_name, "architecture": "test_resnet", "model_args": {}}}
-    exp = _export(tmp_path / "exp", sslcli={"format": 1, "method": "cmc", "step": 1,
+    exp = write_fake_export(tmp_path / "exp", sslcli={"format": 1, "method": "cmc", "step": 1,
                                              "paired_views": pair})  # fmt: skip
     (exp / "model.safetensors").rename(outside)
     _export_weights_again(exp)

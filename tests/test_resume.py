@@ -21,7 +21,7 @@ from sslcli.cli.app import main
 from sslcli.engine.trainer import Trainer
 from sslcli.errors import ConfigError
 from sslcli.runs import checkpoint as ckpt
-from tests.test_train_formats import write_idx, write_image_tree
+from tests.helpers import write_idx, write_image_tree
 
 # 40 training images / batch 8 = 5 steps per epoch; 2 epochs = a 10-step schedule.
 STEPS_PER_EPOCH, EPOCHS = 5, 2

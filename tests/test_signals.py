@@ -29,8 +29,7 @@ from sslcli.engine.trainer import Trainer
 from sslcli.errors import NonFiniteLoss
 from sslcli.method import Batch, StepInfo, StepOutput
 from sslcli.runs import checkpoint as ckpt
-from tests.conftest import write_plugin_dist
-from tests.test_train_formats import write_idx
+from tests.helpers import write_idx, write_plugin_dist
 
 REPO = Path(__file__).resolve().parents[1]
 

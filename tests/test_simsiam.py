@@ -17,28 +17,19 @@ from torch import nn
 from sslcli import api
 from sslcli.backbones import feature_dim, make_spec
 from sslcli.engine.trainer import Trainer
-from sslcli.method import Batch, StepInfo
+from sslcli.method import StepInfo
 from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
-from tests.conftest import TINY
+from tests.helpers import TINY, build_method, two_view_batch
 
-RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SMALL = ["method.proj_dim=32", "method.pred_hidden_dim=8"]
 STEP = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
 
 
 def _method(*sets: str) -> SimSiam:
-    cls, _, cfg = api.resolve_config("simsiam", sets=[*SMALL, *sets])
-    torch.manual_seed(0)
-    m = cls(cfg, make_spec("test_resnet", 16).build())
+    m = build_method("simsiam", *SMALL, *sets)
     assert isinstance(m, SimSiam)
     return m
-
-
-def _batch(n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)]
-    return Batch(views=views, index=torch.arange(n))
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -86,7 +77,7 @@ def test_method_gradient_flows_through_the_predictions_only() -> None:
     """The backbone's gradient equals that of −½[cos(p₁, z₂.detach()) + cos(p₂, z₁.detach())]
     computed by hand, and differs from the gradient without the stop-gradient."""
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref = copy.deepcopy(m)
     m.training_step(batch, STEP).loss.backward()
     got = [p.grad.clone() for p in m.backbone.parameters()]
@@ -148,7 +139,7 @@ def test_views_are_moco_v2s_augmentation() -> None:
 
 def test_embedding_is_the_normalised_projection_so_collapse_shows_as_zero_std() -> None:
     m = _method()
-    batch = _batch(8)
+    batch = two_view_batch(8)
     ref = copy.deepcopy(m)
     out = m.training_step(batch, STEP)
     with torch.no_grad():
@@ -208,36 +199,7 @@ def test_without_fix_pred_lr_everything_follows_the_schedule(tmp_path: Path) -> 
     assert all(g["lr"] < 0.01 * tr.base_lr for g in tr.optimizer.param_groups)
 
 
-def test_recipes_resolve() -> None:
-    _, run, cfg = api.resolve_config("simsiam")
-    assert (run.optim.name, run.optim.lr, run.optim.weight_decay) == ("sgd", 0.05, 1e-4)
-    assert run.optim.momentum == 0.9 and not run.optim.exclude_norm_bias
-    assert run.schedule.kind == "cosine" and run.schedule.warmup_epochs is None
+def test_class_recipe_has_no_warm_up() -> None:
+    """main_simsiam.py: cosine from the first epoch (what bare ``ssl train simsiam``
+    resolves to is in test_recipes.py)."""
     assert SimSiam.recipe.schedule["warmup_epochs"] == 0
-    assert cfg.fix_pred_lr and cfg.proj_dim == 2048 and cfg.pred_hidden_dim == 512
-    _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-imagenet.toml")
-    assert run.method == "simsiam" and run.trainer.batch_size == 512 and run.trainer.epochs == 100
-    _, run, cfg = api.resolve_config(config=RECIPES / "simsiam-cifar.toml")
-    assert run.data.image_size == 32 and cfg.num_proj_layers == 2 and cfg.blur_p == 0.0
-
-
-# -- a short real run (kept out of CI) ------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_short_run_on_digits_beats_random_init(tmp_path: Path) -> None:
-    # The paper's CIFAR setup (2-layer projector, no blur, wd 5e-4) with a larger learning
-    # rate: at 0.03 x 64/256 the predictor needs far more than 110 steps to align p with
-    # z (the loss stays near 0); 0.5 x B/256 is solo-learn's CIFAR rate.
-    result = api.train(
-        "simsiam",
-        config=RECIPES / "simsiam-cifar.toml",
-        overrides={
-            "data": {"dataset": "digits", "image_size": 16},
-            "backbone": {"name": "resnet18"},
-            "optim": {"lr": 0.5},
-            "trainer": {"epochs": 5, "batch_size": 64, "out": str(tmp_path), "log_every": 10},
-        },
-    )
-    assert result.knn_trained is not None and result.knn_random is not None
-    assert result.knn_trained > result.knn_random

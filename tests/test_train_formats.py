@@ -7,9 +7,7 @@ rows only, a corrupt image met during a real run (skipped and warned) and too ma
 
 from __future__ import annotations
 
-import gzip
 import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,105 +23,20 @@ from sslcli.data.badfiles import UnreadableImageWarning
 from sslcli.data.datasets import open_dataset
 from sslcli.engine import knn_monitor
 from sslcli.engine.trainer import Trainer
-
-# --------------------------------------------------------------------------------------------
-# Writers of miniature datasets (also used by test_resume.py and test_signals.py)
-# --------------------------------------------------------------------------------------------
-
-
-def _rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def write_cifar(root: Path, variant: str = "cifar10", n_train: int = 16, n_test: int = 8) -> Path:
-    """CIFAR-10 batches (two training batches) or CIFAR-100 pickles under ``root``."""
-    rng = _rng(0)
-    if variant == "cifar10":
-        d = root / "cifar-10-batches-py"
-        d.mkdir(parents=True)
-        half = n_train // 2
-        for name, n in (("data_batch_1", half), ("data_batch_2", n_train - half),
-                        ("test_batch", n_test)):  # fmt: skip
-            batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                     "labels": [k % 10 for k in range(n)]}  # fmt: skip
-            (d / name).write_bytes(pickle.dumps(batch))
-        (d / "batches.meta").write_bytes(
-            pickle.dumps({"label_names": [f"c{k}" for k in range(10)]})
-        )
-    else:
-        d = root / "cifar-100-python"
-        d.mkdir(parents=True)
-        for name, n in (("train", n_train), ("test", n_test)):
-            batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                     "fine_labels": [k % 100 for k in range(n)],
-                     "coarse_labels": [k % 20 for k in range(n)]}  # fmt: skip
-            (d / name).write_bytes(pickle.dumps(batch))
-    return root
-
-
-def write_stl10(root: Path, n_train: int = 6, n_unlabelled: int = 10, n_test: int = 4) -> Path:
-    d = root / "stl10_binary"
-    d.mkdir(parents=True)
-    rng = _rng(1)
-    for stem, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unlabelled)):
-        (d / f"{stem}_X.bin").write_bytes(
-            rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tobytes()
-        )
-        if stem != "unlabeled":  # STL-10 labels are 1..10
-            (d / f"{stem}_y.bin").write_bytes(bytes([1 + k % 10 for k in range(n)]))
-    return root
-
-
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    return head + arr.astype(np.uint8).tobytes()
-
-
-def write_idx(root: Path, n_train: int = 40, n_test: int = 10, gz: bool = False) -> Path:
-    """MNIST-style IDX files in ``root/MNIST/raw`` (as torchvision lays them out)."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = _rng(2)
-    ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        files = {
-            f"{prefix}-images-idx3-ubyte{ext}": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-            f"{prefix}-labels-idx1-ubyte{ext}": np.arange(n) % 10,
-        }
-        for name, arr in files.items():
-            data = _idx_bytes(arr)
-            (raw / name).write_bytes(gzip.compress(data) if gz else data)
-    return root
-
-
-def write_image_tree(root: Path, per_class: int = 4, classes: int = 2, split: bool = True) -> Path:
-    """ImageFolder classes (under train/ and val/ when ``split``), PNG and JPEG mixed."""
-    rng = _rng(3)
-    parts = {"train": per_class, "val": 2} if split else {"": per_class}
-    for part, count in parts.items():
-        for c in range(classes):
-            d = root / part / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(count):
-                h, w = int(rng.integers(12, 30)), int(rng.integers(12, 30))
-                img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-                img.save(d / f"img{k}.{'png' if k % 2 else 'jpg'}")
-    return root
-
-
-def write_flat_folder(root: Path, n: int = 8) -> Path:
-    rng = _rng(4)
-    (root / "sub").mkdir(parents=True)
-    for k in range(n):
-        img = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
-        img.save(root / ("sub" if k % 3 == 0 else "") / f"im{k}.png")
-    return root
+from tests.helpers import (
+    write_cifar,
+    write_flat_folder,
+    write_idx,
+    write_image_tree,
+    write_stl10,
+)
 
 
 def truncated_png(path: Path, seed: int = 9) -> None:
     """A PNG whose header is fine (it passes the open-time probe) but whose body is cut."""
     buf = Path(str(path) + ".full")
-    Image.fromarray(_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG")
     raw = buf.read_bytes()
     buf.unlink()
     path.write_bytes(raw[: len(raw) // 2])
