@@ -16,9 +16,9 @@ from torch import nn
 
 from sslcli import api
 from sslcli.backbones import feature_dim, make_spec
-from sslcli.engine import schedules
 from sslcli.engine.trainer import Trainer
 from sslcli.method import Batch, StepInfo
+from sslcli.nn import schedules
 from sslcli.nn.regression import negative_cosine, simsiam_loss
 from tests.conftest import TINY
 
@@ -193,7 +193,7 @@ def test_engine_keeps_the_predictor_lr_while_the_encoder_lr_decays(tmp_path: Pat
     total = tr.total_steps
     assert tr.warmup_steps == 0
     for step in (0, total // 3, total // 2, total - 1):
-        tr._apply_schedules(step)
+        tr.schedule.apply(tr.optimizer, step)
         expected = base * schedules.warmup_cosine(step, total, 0)
         assert groups["encoder"]["lr"] == pytest.approx(expected)
         assert groups["predictor"]["lr"] == pytest.approx(base)
@@ -204,7 +204,7 @@ def test_without_fix_pred_lr_everything_follows_the_schedule(tmp_path: Path) -> 
     m = _method("method.fix_pred_lr=false")
     assert m.param_groups() is None  # the engine's default grouping
     tr = _trainer(tmp_path, "method.fix_pred_lr=false")
-    tr._apply_schedules(tr.total_steps - 1)
+    tr.schedule.apply(tr.optimizer, tr.total_steps - 1)
     assert all(g["lr"] < 0.01 * tr.base_lr for g in tr.optimizer.param_groups)
 
 
