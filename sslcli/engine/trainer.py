@@ -3,12 +3,8 @@
 :meth:`Trainer.fit` reads in phases: start (resume, claim the run directory) → baseline
 evaluation → epochs of steps (:meth:`Trainer.train_one_epoch`: views on the device, loss,
 backward, one agreed finite/stop check, update, hooks, logs) → checkpoints (epoch ends,
-``max_steps``, signals) → final evaluation. The parts live beside it, none of them
-importing the trainer back: :mod:`~sslcli.engine.setup` (processes, run directory, data,
-model), :mod:`~sslcli.engine.batches`, :mod:`~sslcli.engine.schedule`,
-:mod:`~sslcli.engine.resume` (exact resume), :mod:`~sslcli.engine.stopping` (signals),
-:mod:`~sslcli.engine.grad_guard`, :mod:`~sslcli.engine.monitor` (kNN, online probe) and
-:mod:`~sslcli.engine.logger`.
+``max_steps``, signals) → final evaluation. Each part lives in a module of its own beside
+this one (see :mod:`sslcli.engine`).
 
 Host syncs: one per step (the finiteness of the loss, and of the gradient norm when
 clipping, read back before the optimiser may apply the update; under DDP the same tiny
