@@ -7,7 +7,7 @@ directory, opened as a dataset, and the same Trainer (same method, model, batch)
 
 * ``synthetic``         uint8 squares already on the device: the ceiling, no data loading;
 * ``jpeg, PIL workers`` the trainer's own loader with the nvJPEG decoder switched off
-                        (``Trainer._batches``: DataLoader workers decode with PIL and cut
+                        (``BatchSource.epoch``: DataLoader workers decode with PIL and cut
                         every view from the original image), through
                         :class:`sslcli.data.loader.DevicePrefetcher`. On CUDA the trainer
                         would pick nvJPEG for a JPEG folder; this row never does;
@@ -94,7 +94,7 @@ def build_trainer(args: argparse.Namespace, data: str, device: torch.device) -> 
 
 
 def jpeg_batches(trainer: Any, epoch: int, workers: int) -> Iterator[Any]:
-    """Packed JPEG bytes per batch, in exactly the order ``Trainer._batches`` uses."""
+    """Packed JPEG bytes per batch, in exactly the order ``BatchSource.epoch`` uses."""
     from torch.utils.data import DataLoader
 
     from sslcli.data.gpu_decode import JpegBytesDataset, collate_jpeg
@@ -146,7 +146,7 @@ class LoaderVariant:
 
     def _train(self, batch: tuple[Tensor, Tensor, Tensor]) -> None:
         t = self.trainer
-        t._apply_schedules(t.step)
+        t.schedule.apply(t.optimizer, t.step)
         t.train_step(*batch)
         t.step += 1
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def synthetic() -> None:
         x, y, i = pool[k["i"] % len(pool)]
         k["i"] += 1
-        trainer._apply_schedules(trainer.step)
+        trainer.schedule.apply(trainer.optimizer, trainer.step)
         trainer.train_step(x, y, i)
         trainer.step += 1
 
@@ -240,14 +240,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- the trainer's loader: PIL in workers -----------------------------------------------
     def pil_epoch(epoch: int) -> Iterator[Any]:
-        """``Trainer._batches`` with its nvJPEG decoder off (the loader is built at the
+        """``BatchSource.epoch`` with its nvJPEG decoder off (the loader is built at the
         first batch, so the switch lasts exactly that long)."""
-        saved, trainer.decoder = trainer.decoder, None
+        source = trainer.batches
+        saved, source.decoder = source.decoder, None
         try:
-            batches = trainer._batches(epoch, 0)
+            batches = source.epoch(epoch, 0)
             first = next(batches)
         finally:
-            trainer.decoder = saved
+            source.decoder = saved
         return _prepend(first, batches)
 
     pil = LoaderVariant(trainer, pil_epoch, args.warm)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # -- bytes in workers, batch decode in the main process -----------------------------------
-    decoder = JpegDecoder(trainer.dataset, args.load_size, device, plan=trainer._crop_plan())
+    decoder = JpegDecoder(trainer.dataset, args.load_size, device, plan=trainer.batches.crop_plan())
     where = "nvJPEG" if use_gpu_decode(trainer.dataset, device) else f"{device.type} libjpeg"
 
     def bytes_epoch(epoch: int) -> DevicePrefetcher[Any, Any]:

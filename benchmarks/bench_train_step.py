@@ -7,7 +7,7 @@ measured):
 * ``sslcli``       -- ``Trainer.train_step`` of the registered method (default moco-v3) from
                       a uint8 batch already on the device: view generation (the real batched
                       augmentation pipeline), forward, loss, backward, hooks, optimiser step,
-                      EMA, the engine's NaN check. ``Trainer._apply_schedules`` runs first, as
+                      EMA, the engine's NaN check. ``trainer.schedule.apply`` runs first, as
                       in ``fit``.
 * ``views only``   -- just ``Trainer.views`` on the same batch, to split the cost.
 * ``reference``    -- the same method written plainly in this file (MoCo v3 or SimCLR): two
@@ -276,7 +276,7 @@ def build_sslcli(args: argparse.Namespace, device: torch.device, compile_: bool)
     def step() -> None:
         images, labels, index = pool[counter["k"] % len(pool)]
         counter["k"] += 1
-        trainer._apply_schedules(trainer.step)
+        trainer.schedule.apply(trainer.optimizer, trainer.step)
         trainer.train_step(images, labels, index)
         trainer.step += 1
 
@@ -288,7 +288,7 @@ def build_sslcli(args: argparse.Namespace, device: torch.device, compile_: bool)
         "views": views_only,
         "params": trainable(trainer.method),
         "dtype": trainer.dtype,
-        "channels_last": trainer._channels_last(),
+        "channels_last": trainer.channels_last,
         "is_vit": trainer.backbone_spec.is_vit,
         "tau": getattr(mcfg, "temperature", None),
         "total": trainer.total_steps,

@@ -219,9 +219,9 @@ def run_method(method: str, backbone: str, size: int, args: argparse.Namespace, 
     def step() -> None:
         images, labels, index = pool[k["i"] % len(pool)]
         k["i"] += 1
-        tr._apply_schedules(tr.step)
+        tr.schedule.apply(tr.optimizer, tr.step)
         out, ok = tr.train_step(images, labels, index)
-        tr._record(out)
+        tr.window.add(out)
         losses.append(out.loss.detach().float())
         tr.step += 1
 
@@ -238,12 +238,12 @@ def run_method(method: str, backbone: str, size: int, args: argparse.Namespace, 
         times.append(time.perf_counter() - t)
     peak = _peak() - base
     syncs = count_syncs(step)
-    rec = tr._log_record(0.0, 1.0)  # one log line (its one transfer) works on CUDA
+    rec = tr.window.line(tr.step, 0.0, 1.0)  # one log line (its one transfer) works on CUDA
     finite = bool(torch.isfinite(torch.stack(losses)).all())
     res = {
         "method": method, "backbone": backbone, "image_size": size,
         "batch_size": args.batch_size, "dtype": str(tr.dtype), "views": len(tr.method.views()),
-        "channels_last": tr._channels_last(), "ms_per_step": 1000 * statistics.median(times),
+        "channels_last": tr.channels_last, "ms_per_step": 1000 * statistics.median(times),
         "images_per_s": args.batch_size / statistics.median(times),
         "peak_mib": peak / 2**20, "persistent_mib": persistent / 2**20,
         "first_step_s": build_s, "losses_finite": finite, "log_keys": sorted(rec),
@@ -269,7 +269,7 @@ def run_compile(args: argparse.Namespace, work: Path, log: Log) -> dict[str, Any
         messages: list[str] = []
         tr = make_trainer("simclr", "resnet18", 32, args.batch_size, work / f"compile-{compiled}",
                           compile=compiled)  # fmt: skip
-        tr._say = messages.append  # type: ignore[method-assign]
+        tr.forward.say = messages.append
         pool = device_batches(tr)
         t = time.perf_counter()
         tr.train_step(*pool[0])
@@ -282,7 +282,7 @@ def run_compile(args: argparse.Namespace, work: Path, log: Log) -> dict[str, Any
             _sync()
             times.append(time.perf_counter() - t)
         key = "compiled" if compiled else "eager"
-        fell_back = compiled and tr.model is tr.method
+        fell_back = compiled and tr.forward.model is tr.method
         res[key] = {"first_step_s": first, "ms_per_step": 1000 * statistics.median(times),
                     "messages": messages, "fell_back": fell_back}  # fmt: skip
         log(f"compile={compiled}: first step {first:.1f} s, "
@@ -342,7 +342,8 @@ def ddp_child(args: argparse.Namespace) -> None:
     import torch.distributed as tdist
     from torch import nn
 
-    from sslcli.engine.trainer import _no_buffer_sync
+    from sslcli.engine.forward import StepForward
+    from sslcli.engine.setup import no_buffer_sync
     from sslcli.nn import dist
 
     out = out_dir(args)
@@ -356,13 +357,12 @@ def ddp_child(args: argparse.Namespace) -> None:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-child-{os.getpid()}"
     tr = make_trainer("simclr", "resnet18", 32, args.batch_size, work)
     dist.broadcast_module_(tr.method)
-    ddp = nn.parallel.DistributedDataParallel(tr.method, device_ids=[local], **_no_buffer_sync())
+    ddp = nn.parallel.DistributedDataParallel(tr.method, device_ids=[local], **no_buffer_sync())
     pool = device_batches(tr)
     for mode in ("eager", "compiled"):
-        tr.model = ddp
-        tr._eager_model = None
-        if mode == "compiled":
-            tr._compile()
+        tr.forward = StepForward(
+            ddp, tr.method, tr.say, device=tr.device, compile=mode == "compiled"
+        )
         t = time.perf_counter()
         tr.train_step(*pool[0])
         _sync()
@@ -374,7 +374,7 @@ def ddp_child(args: argparse.Namespace) -> None:
             _sync()
             times.append(time.perf_counter() - t)
         res[mode] = {"first_step_s": first, "ms_per_step": 1000 * statistics.median(times),
-                     "fell_back": mode == "compiled" and tr.model is ddp}  # fmt: skip
+                     "fell_back": mode == "compiled" and tr.forward.model is ddp}  # fmt: skip
     (out / "ddp_child.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res))
     tdist.destroy_process_group()

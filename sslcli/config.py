@@ -353,7 +353,7 @@ def resolve(
     recipe = method_cls.recipe_for(_backbone_name(method_cls, layers)).model_dump()
     # The recipe's warm-up stays out of the config: ``schedule.warmup_epochs`` is None unless
     # a file, a flag or --set states one, so the trainer knows a stated warm-up (kept as
-    # stated) from the built-in default (capped on short runs; see Trainer._warmup_steps).
+    # stated) from the built-in default (capped on short runs: engine.schedule.warmup_steps).
     recipe.get("schedule", {}).pop("warmup_epochs", None)
     merged: dict[str, Any] = {k: v for k, v in recipe.items() if v}
     for layer in layers:

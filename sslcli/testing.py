@@ -120,7 +120,7 @@ def make_trainer(
 def check_one_step(case: ContractCase, tmp_path: Path) -> None:
     for backbone in case.backbones:
         tr = make_trainer(case, tmp_path / backbone, backbone)
-        images, labels, index = next(iter(tr._batches(0, 0)))
+        images, labels, index = next(iter(tr.batches.epoch(0, 0)))
         buffers_before = {n: b.clone() for n, b in tr.method.named_buffers()}
         # Gradients right after backward, before the method's hook may drop some on
         # purpose (SwAV's prototypes and DINO's last layer are frozen in their first epoch).

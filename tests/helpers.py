@@ -250,7 +250,7 @@ def make_run(
 
     ``state_prefix`` mimics torch.compile's ``backbone._orig_mod.`` keys in the checkpoint.
     """
-    from sslcli.engine.trainer import CHECKPOINT_FORMAT
+    from sslcli.engine.resume import CHECKPOINT_FORMAT
 
     overrides: dict[str, Any] = {
         "backbone": {"name": backbone, "small_stem": small_stem},

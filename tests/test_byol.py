@@ -184,7 +184,7 @@ def test_engine_updates_the_target_after_the_optimizer_with_the_steps_tau(tmp_pa
     def online() -> list[torch.Tensor]:
         return list(m.backbone.parameters()) + list(m.projector.parameters())
 
-    batches = iter(tr._batches(0, 0))
+    batches = iter(tr.batches.epoch(0, 0))
     for k in (0, 1):
         tr.step = k  # what fit() does between steps
         target_before = [p.clone() for p in m.target.parameters()]

@@ -302,10 +302,8 @@ def test_device_cache_gets_its_batch_indices_on_its_device() -> None:
     """The epoch's order is moved to a device cache once; get_batch never receives a host
     index to copy per batch (a blocking pageable copy on CUDA). "meta" stands in for the
     GPU here."""
-    from types import SimpleNamespace
-
     from sslcli.data.cache import index_on
-    from sslcli.engine.trainer import Trainer
+    from sslcli.engine.batches import BatchSource
 
     seen: list[torch.device] = []
 
@@ -319,11 +317,10 @@ def test_device_cache_gets_its_batch_indices_on_its_device() -> None:
             seen.append(idx.device)
             return idx, idx, idx
 
-    fake = SimpleNamespace(
-        dataset=FakeCache(), run=SimpleNamespace(trainer=SimpleNamespace(seed=0)),
-        steps_per_epoch=3, global_batch=4, local_batch=4,
+    source = BatchSource(
+        FakeCache(), seed=0, steps_per_epoch=3, global_batch=4, local_batch=4,  # type: ignore[arg-type]
     )  # fmt: skip
-    batches = list(Trainer._host_batches(fake, 0, 1))  # type: ignore[arg-type]
+    batches = list(source.host(0, 1))
     assert len(batches) == 2 and seen == [torch.device("meta")] * 2
     on_device = torch.arange(3, device="meta")
     assert index_on(on_device, torch.device("meta")) is on_device  # no copy at all

@@ -14,6 +14,7 @@ import torch
 from sslcli import api
 from sslcli.cli.app import main
 from sslcli.data.views import expand
+from sslcli.engine import memory
 from sslcli.engine import plan as dry
 from sslcli.engine.trainer import Trainer
 
@@ -163,12 +164,12 @@ def test_activation_fit_predicts_the_saved_tensors_at_full_size(
 ) -> None:
     """The fit made at shrunk views predicts what a full-size step really keeps."""
     tr = _trainer(method, overrides)
-    fit = dry.activation_fit(tr)
+    fit = memory.activation_fit(tr)
     full = [v.size for v in expand(tr.method.views())]
     assert max(full) > 64 and "scaled linearly" in fit["how"]  # the small-size path ran
     b = 6
     predicted = fit["constant"] + b * (fit["per_image"] + fit["per_unit"] * fit["units_full"])
-    real = dry._saved_bytes(tr, b, full)
+    real = memory.saved_bytes(tr, b, full)
     assert predicted == pytest.approx(real, rel=0.03)
 
 
@@ -179,8 +180,8 @@ def test_grad_checkpointing_lowers_the_estimate_and_is_set_on_every_encoder() ->
     ckpt = _trainer("moco-v3", {**base, "trainer": {"grad_checkpointing": True}})
     encoders = [m for m in ckpt.method.modules() if hasattr(m, "sslcli_spec")]
     assert len(encoders) == 2 and all(m.grad_checkpointing for m in encoders)
-    a = dry.estimate_memory(plain)["activations"]
-    c = dry.estimate_memory(ckpt)["activations"]
+    a = memory.estimate_memory(plain)["activations"]
+    c = memory.estimate_memory(ckpt)["activations"]
     assert 0 < c < a
 
 
@@ -205,9 +206,9 @@ def test_grad_checkpointing_gives_the_same_step(tmp_path: Path) -> None:
 def test_warning_names_the_device_and_says_why_accumulation_cannot_help() -> None:
     mem = {"exceeds_device": True, "total": 200 * 2**30, "device_memory": 80 * 2**30,
            "device_name": "A100", "per_process_batch": 4096}  # fmt: skip
-    line = dry.memory_warning(mem)
+    line = memory.memory_warning(mem)
     assert line is not None and "A100" in line and "negatives" in line
-    assert dry.memory_warning({**mem, "exceeds_device": False}) is None
+    assert memory.memory_warning({**mem, "exceeds_device": False}) is None
 
 
 def test_dry_run_of_a_resume_checks_it_and_allows_checkpointing(

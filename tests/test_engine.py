@@ -205,7 +205,7 @@ def test_read_meta_and_resolve(tmp_path: Path) -> None:
 
 
 def test_architecture_diff_names_only_architecture_fields() -> None:
-    from sslcli.engine.trainer import architecture_diff
+    from sslcli.engine.resume import architecture_diff
 
     old = {"backbone": {"name": "resnet18", "kwargs": {}}, "method": {"name": "simclr", "t": 0.1},
            "data": {"image_size": 32, "dataset": "digits", "num_workers": 0},
@@ -219,9 +219,7 @@ def test_architecture_diff_names_only_architecture_fields() -> None:
 
 def test_per_tensor_clipping_follows_dino() -> None:
     """DINO's clip_gradients: for each tensor, g *= clip / (||g|| + 1e-6) when that is < 1."""
-    from types import SimpleNamespace
-
-    from sslcli.engine.trainer import Trainer
+    from sslcli.engine.grad_guard import clip_gradients
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -230,21 +228,16 @@ def test_per_tensor_clipping_follows_dino() -> None:
     ]
     for p, g in zip(model.parameters(), grads, strict=True):
         p.grad = g.clone()
-    fake = SimpleNamespace(
-        run=SimpleNamespace(optim=OptimConfig(grad_clip=3.0, grad_clip_mode="per_tensor")),
-        method=model,
-    )
-    norm = Trainer._clip_gradients(fake)  # type: ignore[arg-type]
+    norm = clip_gradients(model, OptimConfig(grad_clip=3.0, grad_clip_mode="per_tensor"))
     assert norm is not None and bool(torch.isfinite(norm))
     for p, g in zip(model.parameters(), grads, strict=True):
         coef = 3.0 / (float(g.norm()) + 1e-6)
         expected = g * coef if coef < 1 else g
         torch.testing.assert_close(p.grad, expected)
-    fake.run.optim = OptimConfig(grad_clip=1.0, grad_clip_mode="norm")
     for p, g in zip(model.parameters(), grads, strict=True):
         p.grad = g.clone()
     total = float(torch.cat([g.flatten() for g in grads]).norm())
-    Trainer._clip_gradients(fake)  # type: ignore[arg-type]
+    clip_gradients(model, OptimConfig(grad_clip=1.0, grad_clip_mode="norm"))
     for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g * (1.0 / (total + 1e-6)))
 
@@ -252,14 +245,31 @@ def test_per_tensor_clipping_follows_dino() -> None:
 def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path: Path) -> None:
     import json
 
-    from sslcli.engine.trainer import _truncate_metrics
+    from sslcli.runs.metrics import truncate_after
 
     path = tmp_path / "metrics.jsonl"
     lines = [{"event": "start"}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5},
              {"event": "epoch", "step": 4}, {"step": 6, "loss": 0.2}]  # fmt: skip
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "lo')
-    _truncate_metrics(path, 4)
+    truncate_after(path, 4)
     assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:4]
+
+
+def test_metrics_file_skips_cut_lines_and_writes_non_finite_as_null(tmp_path: Path) -> None:
+    from sslcli.runs import metrics
+
+    path = tmp_path / metrics.FILE
+    writer = metrics.MetricsWriter(path)
+    writer.write({"step": 1, "loss": float("inf"), "probe": {"top1": float("nan")}})
+    writer.close()
+    with path.open("ab") as f:
+        f.write(b'{"step": 2, "lo\n\xff\xfe\n')  # a cut line, then bytes that are not UTF-8
+    metrics.append_record(path, {"event": "eval", "top1": [0.5, float("nan")]})
+    assert metrics.read_records(path) == [
+        {"step": 1, "loss": None, "probe": {"top1": None}},
+        {"event": "eval", "top1": [0.5, None]},
+    ]
+    assert metrics.read_records(tmp_path / "missing.jsonl") == []
 
 
 def test_logger_jsonl_plain_lines_and_missing_tensorboard(
@@ -271,7 +281,7 @@ def test_logger_jsonl_plain_lines_and_missing_tensorboard(
 
     from rich.console import Console
 
-    from sslcli.engine.trainer import Logger
+    from sslcli.engine.logger import Logger
 
     # tensorboard is optional: its absence is one line, and metrics.jsonl still works
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)

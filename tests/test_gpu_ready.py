@@ -28,8 +28,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcli import api
+from sslcli.engine.grad_guard import clip_gradients
+from sslcli.engine.logger import window_means
 from sslcli.engine.sync_guard import HostSyncGuard
-from sslcli.engine.trainer import Trainer, window_means
+from sslcli.engine.trainer import Trainer
 from sslcli.nn import dist
 from sslcli.optim import LARS
 from sslcli.runs import checkpoint as ckpt
@@ -80,13 +82,13 @@ def test_a_training_step_makes_only_the_engine_sync(name: str, tmp_path: Path) -
     """The whole per-step path of the loop (schedules, step, recording the logs) of a
     step after the first (the first may set things up once: cached constants)."""
     tr = make_trainer(case(name), tmp_path)
-    batches = iter(tr._batches(0, 0))
+    batches = iter(tr.batches.epoch(0, 0))
     for _ in range(2):
         images, labels, index = next(batches)
         with HostSyncGuard() as g:
-            tr._apply_schedules(tr.step)
+            tr.schedule.apply(tr.optimizer, tr.step)
             out, ok = tr.train_step(images, labels, index)
-            tr._record(out)
+            tr.window.add(out)
         assert ok
         tr.step += 1
     assert not g.unexpected(), f"{name}: hidden host syncs: {g.summary()}"
@@ -141,7 +143,7 @@ def test_compiled_run_checkpoints_plain_keys_and_resumes_either_way(
     torch._dynamo.reset()
     _compile_with(monkeypatch, "eager")
     tr = _run(idx_data, tmp_path / "c", compile=True)
-    assert tr.model is not tr.method  # the step calls the compiled module
+    assert tr.forward.model is not tr.method  # the step calls the compiled module
     tr.fit()
     groups, _ = ckpt.load(tmp_path / "c")
     assert not [k for k in groups["model"] if "_orig_mod" in k]
@@ -173,7 +175,7 @@ def test_compiler_failure_at_the_first_forward_falls_back_to_eager(
     ref.fit()
     tr = _run(idx_data, tmp_path / "c", compile=True)
     res = tr.fit()
-    assert res.steps == 2 and tr.model is tr.method
+    assert res.steps == 2 and tr.forward.model is tr.method
     err = capsys.readouterr().err
     assert "torch.compile failed at the first step" in err and "no C++ compiler" in err
     assert "second line" not in err
@@ -315,7 +317,7 @@ def test_lars_and_per_tensor_clipping_run_a_fixed_number_of_kernels(
     for p in tr.method.parameters():
         p.grad = torch.randn(p.shape, generator=g) * 0.1
     grads = [p.grad.clone() for p in tr.method.parameters()]  # type: ignore[union-attr]
-    norm = tr._clip_gradients()
+    norm = clip_gradients(tr.method, tr.run.optim)
     # the previous per-tensor form of DINO's rule: g *= min(1, clip / (||g|| + 1e-6))
     norms = torch._foreach_norm(grads)
     torch._foreach_mul_(grads, [torch.clamp(0.5 / (n + 1e-6), max=1.0) for n in norms])
@@ -328,11 +330,10 @@ def test_lars_and_per_tensor_clipping_run_a_fixed_number_of_kernels(
 
     def clip_ops(n_layers: int) -> int:
         model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)])
-        tr.method = model  # type: ignore[assignment]
         for p in model.parameters():
             p.grad = torch.randn(p.shape)
         with _OpCount() as c:
-            tr._clip_gradients()
+            clip_gradients(model, tr.run.optim)
         return c.n
 
     assert clip_ops(2) == clip_ops(20)

@@ -278,7 +278,7 @@ def test_vit_training_step_leaves_pos_embed_and_patch_projection_untouched(tmp_p
     frozen = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
     before = {n: p.clone() for n, p in m.backbone.named_parameters()}
     assert {n for n, p in m.backbone.named_parameters() if not p.requires_grad} == frozen
-    assert tr.train_step(*next(iter(tr._batches(0, 0))))[1]
+    assert tr.train_step(*next(iter(tr.batches.epoch(0, 0))))[1]
     for n, p in m.backbone.named_parameters():
         if n in frozen:
             assert p.grad is None and torch.equal(p, before[n]), n

@@ -224,7 +224,7 @@ def test_marked_options_may_change_on_resume_and_others_are_refused(
 
 
 def test_builtin_temperatures_are_resume_safe_and_architecture_is_not() -> None:
-    from sslcli.engine.trainer import architecture_diff
+    from sslcli.engine.resume import architecture_diff
     from sslcli.method import resume_safe_options
 
     safe = resume_safe_options(registry.load("simclr").Config)

@@ -99,7 +99,8 @@ def test_max_steps_stops_without_changing_the_schedule(idx_data: Path, tmp_path:
     short, whole = trainers
     assert short.total_steps == whole.total_steps == EPOCHS * STEPS_PER_EPOCH
     assert short.stop_step == 3 and whole.stop_step == 10
-    assert [short.lr_factor(s) for s in range(10)] == [whole.lr_factor(s) for s in range(10)]
+    factors = [[tr.schedule.lr_factor(s) for s in range(10)] for tr in (short, whole)]
+    assert factors[0] == factors[1]
 
 
 def test_default_warmup_is_capped_but_a_stated_one_is_not(
@@ -334,7 +335,7 @@ def test_recipe_milestones_are_fractions_of_any_run(
         method, overrides=_overrides(idx_data, tmp_path / method, None)
     )
     tr = Trainer(run, method_cls, mcfg)
-    assert [tr.lr_factor(s) for s in range(10)] == pytest.approx(expected)
+    assert [tr.schedule.lr_factor(s) for s in range(10)] == pytest.approx(expected)
 
 
 def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> None:
@@ -343,7 +344,7 @@ def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> No
     method_cls, run, mcfg = api.resolve_config("simclr", overrides=o)
     # Epoch 1 = step 5; the recipe warm-up (capped to 1 step) comes first.
     tr = Trainer(run, method_cls, mcfg)
-    assert [tr.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.5] * 5
+    assert [tr.schedule.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.5] * 5
     for bad, why in (([0], "must be > 0"), ([3], "beyond trainer.epochs=2")):
         o["schedule"]["milestones"] = bad
         with pytest.raises(ConfigError, match=why):
@@ -352,7 +353,7 @@ def test_milestones_in_epochs_and_bad_ones(idx_data: Path, tmp_path: Path) -> No
     o["schedule"] = {"kind": "step", "milestones": [1.6, 0.5], "milestone_factors": [0.01, 0.2]}
     method_cls, run, mcfg = api.resolve_config("simclr", overrides=o)
     tr = Trainer(run, method_cls, mcfg)
-    assert [tr.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.2] * 3 + [0.01] * 2
+    assert [tr.schedule.lr_factor(s) for s in range(10)] == [1.0] * 5 + [0.2] * 3 + [0.01] * 2
     o["schedule"]["milestone_factors"] = [0.1]
     with pytest.raises(ConfigError, match="1 values for 2 milestones"):
         api.resolve_config("simclr", overrides=o)

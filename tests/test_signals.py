@@ -205,11 +205,11 @@ def test_nonfinite_loss_stops_with_step_checkpoint_and_hint(data: Path, tmp_path
 
 def test_skipped_step_changes_nothing(data: Path, tmp_path: Path) -> None:
     tr = _nan_trainer(data, tmp_path / "run", nan_steps=[2], skip=1)
-    batches = tr._batches(0, 0)
+    batches = tr.batches.epoch(0, 0)
     for step in range(4):
         images, labels, index = next(batches)
         tr.step = step
-        tr._apply_schedules(step)
+        tr.schedule.apply(tr.optimizer, step)
         before = {k: v.clone() for k, v in tr.method.state_dict().items()}
         opt_before = {
             i: {k: v.clone() for k, v in st.items()} for i, st in tr.optimizer.state.items()

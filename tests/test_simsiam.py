@@ -184,7 +184,7 @@ def test_engine_keeps_the_predictor_lr_while_the_encoder_lr_decays(tmp_path: Pat
     total = tr.total_steps
     assert tr.warmup_steps == 0
     for step in (0, total // 3, total // 2, total - 1):
-        tr._apply_schedules(step)
+        tr.schedule.apply(tr.optimizer, step)
         expected = base * schedules.warmup_cosine(step, total, 0)
         assert groups["encoder"]["lr"] == pytest.approx(expected)
         assert groups["predictor"]["lr"] == pytest.approx(base)
@@ -195,7 +195,7 @@ def test_without_fix_pred_lr_everything_follows_the_schedule(tmp_path: Path) -> 
     m = _method("method.fix_pred_lr=false")
     assert m.param_groups() is None  # the engine's default grouping
     tr = _trainer(tmp_path, "method.fix_pred_lr=false")
-    tr._apply_schedules(tr.total_steps - 1)
+    tr.schedule.apply(tr.optimizer, tr.total_steps - 1)
     assert all(g["lr"] < 0.01 * tr.base_lr for g in tr.optimizer.param_groups)
 
 

@@ -108,8 +108,8 @@ def test_in_memory_fast_path_and_default_workers(tmp_path: Path) -> None:
         "simclr", overrides=tiny_overrides(data, tmp_path / "r")
     )
     tr = Trainer(run, method_cls, mcfg)
-    assert tr._num_workers() == 0  # in-memory data: no worker processes by default
-    images, labels, index = next(tr._batches(0, 0))
+    assert tr.batches.num_workers == 0  # in-memory data: no worker processes by default
+    images, labels, index = next(tr.batches.epoch(0, 0))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
     assert torch.equal(images, ds.get_batch(index)[0])
 
@@ -117,7 +117,7 @@ def test_in_memory_fast_path_and_default_workers(tmp_path: Path) -> None:
         "simclr", overrides=tiny_overrides(str(tmp_path / "f"), tmp_path / "r2")
     )
     tr_f = Trainer(run_f, method_cls, mcfg)
-    assert tr_f._num_workers() >= 1  # decoding files pays off in workers
+    assert tr_f.batches.num_workers >= 1  # decoding files pays off in workers
 
 
 def test_knn_uses_only_labelled_training_images(

@@ -8,12 +8,8 @@ from typing import Any
 from rich.table import Table
 
 from sslcli.cli.console import err, out
-from sslcli.engine.plan import (
-    fmt_float,
-    human_bytes,
-    human_count,
-    memory_warning,
-)
+from sslcli.engine.memory import memory_warning
+from sslcli.engine.plan import fmt_float, human_bytes, human_count
 
 
 def show(plan: dict[str, Any], *, as_json: bool = False) -> None:

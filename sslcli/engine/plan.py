@@ -5,26 +5,7 @@ The trainer's own set-up resolves everything (:class:`sslcli.engine.trainer.Trai
 optimiser's parameter groups, the trainer's schedule functions — and estimates the peak
 memory of one process. Nothing here decides a value a real run would decide differently.
 
-Memory estimate (per process, i.e. per GPU under torchrun):
-
-- weights and buffers, gradients (one per trainable parameter) and the optimiser state
-  (SGD with momentum and LARS: one tensor per trainable parameter; AdamW: two), counted
-  exactly from the built model;
-- the views of one per-process batch as float tensors;
-- saved activations: the tensors autograd keeps for backward, counted with
-  ``torch.autograd.graph.saved_tensors_hooks`` during real forward passes of the method's
-  ``training_step`` (all its views, both encoders where there are two, in the run's
-  precision) on 2 and 4 images at views shrunk to about 32 px, and on 2 images at about
-  64 px (the full sizes when the views are that small already). A linear fit separates what is
-  independent of the batch (queues, prototypes), what grows per image (head activations)
-  and what grows per image and per pixel (convnets) or token (ViTs); the fit is then
-  evaluated at the per-process batch and the full view sizes. With
-  ``trainer.grad_checkpointing`` the blocks' inputs and one block's recomputation are
-  added to what stays saved.
-
-Not counted: the CUDA context and cuDNN workspaces (~0.5-1 GiB), allocator fragmentation,
-the transient buffers of a single operation, similarity matrices grown by negatives
-gathered from other processes (a few hundred MiB at most for the built-in recipes).
+The memory estimate is :mod:`sslcli.engine.memory`.
 """
 
 from __future__ import annotations
@@ -38,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from sslcli.config import flatten_dotted
-from sslcli.data.views import expand
 from sslcli.engine.dryrun import DryRun
+from sslcli.engine.memory import GIB, estimate_memory
+from sslcli.engine.schedule import Schedule
 
 if TYPE_CHECKING:
     from sslcli.engine.trainer import Trainer
@@ -47,18 +29,6 @@ if TYPE_CHECKING:
 IMAGENET_TRAIN_IMAGES = 1_281_167
 """ImageNet-1k's training split: what a dry run of a recipe plans for when no data is named
 and the default data set cannot hold one batch."""
-
-GIB = 2**30
-
-ACCUMULATION_NOTE = (
-    "A contrastive batch cannot be emulated by gradient accumulation: the other images "
-    "of the batch are the negatives (SimCLR, MoCo v3, InvaSpread, CPC, SwAV's and DINO's "
-    "batch-wide statistics) and BatchNorm statistics are per batch, so k small steps "
-    "optimise a different loss than one large step. Use more GPUs (the batch is split "
-    "over processes with negatives gathered across them), trainer.grad_checkpointing=true "
-    "(ViTs and ResNets), or a smaller batch with the learning rate scaled accordingly."
-)
-
 
 # -- the timm calls ------------------------------------------------------------------------------
 @contextlib.contextmanager
@@ -91,10 +61,6 @@ def describe(
 ) -> dict[str, Any]:
     """The dry run's report as one JSON-able dict."""
     run = tr.run
-    plan = tr.dry_run or DryRun()
-    t, o, s = run.trainer, run.optim, run.schedule
-    spe, total = tr.steps_per_epoch, tr.total_steps
-    n = len(tr.dataset)
     flat = flatten_dotted(run.to_json_dict())
     settings = [
         {"key": k, "value": v, "from": sources.get(k, "default")} for k, v in sorted(flat.items())
@@ -103,74 +69,95 @@ def describe(
         "method": {"name": run.method, "class": type(tr.method).__name__,
                    "options": dict(run.method_options)},  # fmt: skip
         "settings": settings,
-        "data": {
-            "dataset": run.data.dataset if plan.images is None else None,
-            "opened": tr.dataset.name if plan.images is None else None,
-            "images": n,
-            "classes": len(tr.dataset.classes) if tr.dataset.classes else None,
-            "image_size": run.data.image_size,
-            "load_size": tr.load_size,
-            "num_workers": tr._num_workers(),
-            "steps_per_epoch": spe,
-            "images_dropped_per_epoch": n - spe * tr.global_batch,
-            "note": plan.note,
-        },
+        "data": _data(tr),
         "views": [v.model_dump(mode="json") for v in tr.method.views()],
         "backbone": _backbone(tr, timm_calls),
         "parameters": _parameters(tr.method),
         "optimizer": _optimizer(tr),
-        "lr": {
-            "base": o.lr,
-            "scaling": o.lr_scaling,
-            "global_batch": tr.global_batch,
-            "scaled": tr.base_lr,
-            "rule": {"linear": f"{o.lr:g} x {tr.global_batch}/256",
-                     "sqrt": f"{o.lr:g} x sqrt({tr.global_batch})",
-                     "none": f"{o.lr:g} (not scaled)"}[o.lr_scaling],
-        },  # fmt: skip
-        "schedule": {
-            "kind": s.kind,
-            "epochs": t.epochs,
-            "steps_per_epoch": spe,
-            "total_steps": total,
-            "stop_step": tr.stop_step,
-            "warmup_steps": tr.warmup_steps,
-            "warmup_epochs": tr.warmup_steps / spe,
-            "warmup_epochs_set": s.warmup_epochs,
-            "milestones_epochs": tr.milestone_epochs() if s.kind == "step" else [],
-            "milestones_steps": [round(m * spe) for m in tr.milestone_epochs()]
-            if s.kind == "step"
-            else [],
-            "gamma": s.gamma if s.kind == "step" else None,
-            "lr_peak": tr.base_lr * max(tr.lr_factor(st) for st in _probe_steps(tr)),
-            "lr_first_step": tr.base_lr * tr.lr_factor(0),
-            "lr_last_step": tr.base_lr * tr.lr_factor(max(0, total - 1)),
-            "weight_decay_end": s.weight_decay_end,
-        },
-        "trainer": {
-            "device": str(tr.device),
-            "precision": "bf16 autocast" if tr.dtype == torch.bfloat16 else "fp32",
-            "processes": plan.processes,
-            "global_batch": tr.global_batch,
-            "batch_per_process": tr.local_batch,
-            "sync_bn": bool(t.sync_bn and plan.processes > 1),
-            "channels_last": tr._channels_last(),
-            "compile": t.compile,
-            "grad_checkpointing": t.grad_checkpointing,
-            "max_steps": t.max_steps,
-            "run_dir": str(tr.run_dir),
-            "resume_from_step": (tr._resume_meta or {}).get("step"),
-        },
+        "lr": _lr(tr),
+        "schedule": _schedule(tr),
+        "trainer": _trainer(tr),
     }
     if memory:
         report["memory"] = estimate_memory(tr)
     return report
 
 
-def _probe_steps(tr: Trainer) -> list[int]:
+def _data(tr: Trainer) -> dict[str, Any]:
+    run, plan = tr.run, tr.dry_run or DryRun()
+    n, spe = len(tr.dataset), tr.steps_per_epoch
+    return {
+        "dataset": run.data.dataset if plan.images is None else None,
+        "opened": tr.dataset.name if plan.images is None else None,
+        "images": n,
+        "classes": len(tr.dataset.classes) if tr.dataset.classes else None,
+        "image_size": run.data.image_size,
+        "load_size": tr.load_size,
+        "num_workers": tr.batches.num_workers,
+        "steps_per_epoch": spe,
+        "images_dropped_per_epoch": n - spe * tr.global_batch,
+        "note": plan.note,
+    }
+
+
+def _lr(tr: Trainer) -> dict[str, Any]:
+    o = tr.run.optim
+    return {
+        "base": o.lr,
+        "scaling": o.lr_scaling,
+        "global_batch": tr.global_batch,
+        "scaled": tr.base_lr,
+        "rule": {"linear": f"{o.lr:g} x {tr.global_batch}/256",
+                 "sqrt": f"{o.lr:g} x sqrt({tr.global_batch})",
+                 "none": f"{o.lr:g} (not scaled)"}[o.lr_scaling],
+    }  # fmt: skip
+
+
+def _schedule(tr: Trainer) -> dict[str, Any]:
+    sch, s = tr.schedule, tr.run.schedule
+    spe, total = sch.steps_per_epoch, sch.total_steps
+    milestones = sch.milestone_epochs() if s.kind == "step" else []
+    return {
+        "kind": s.kind,
+        "epochs": tr.run.trainer.epochs,
+        "steps_per_epoch": spe,
+        "total_steps": total,
+        "stop_step": sch.stop_step,
+        "warmup_steps": sch.warmup_steps,
+        "warmup_epochs": sch.warmup_steps / spe,
+        "warmup_epochs_set": s.warmup_epochs,
+        "milestones_epochs": milestones,
+        "milestones_steps": [round(m * spe) for m in milestones],
+        "gamma": s.gamma if s.kind == "step" else None,
+        "lr_peak": sch.base_lr * max(sch.lr_factor(st) for st in _probe_steps(sch)),
+        "lr_first_step": sch.base_lr * sch.lr_factor(0),
+        "lr_last_step": sch.base_lr * sch.lr_factor(max(0, total - 1)),
+        "weight_decay_end": s.weight_decay_end,
+    }
+
+
+def _trainer(tr: Trainer) -> dict[str, Any]:
+    t, plan = tr.run.trainer, tr.dry_run or DryRun()
+    return {
+        "device": str(tr.device),
+        "precision": "bf16 autocast" if tr.dtype == torch.bfloat16 else "fp32",
+        "processes": plan.processes,
+        "global_batch": tr.global_batch,
+        "batch_per_process": tr.local_batch,
+        "sync_bn": bool(t.sync_bn and plan.processes > 1),
+        "channels_last": tr.channels_last,
+        "compile": t.compile,
+        "grad_checkpointing": t.grad_checkpointing,
+        "max_steps": t.max_steps,
+        "run_dir": str(tr.run_dir),
+        "resume_from_step": (tr.resume_meta or {}).get("step"),
+    }
+
+
+def _probe_steps(sch: Schedule) -> list[int]:
     """Steps at which the lr factor can peak: around the end of warm-up, and the start."""
-    w = tr.warmup_steps
-    return sorted({0, max(0, w - 1), min(w, max(0, tr.total_steps - 1))})
+    w = sch.warmup_steps
+    return sorted({0, max(0, w - 1), min(w, max(0, sch.total_steps - 1))})
 
 
 def sources_of(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
@@ -304,231 +291,6 @@ def _optimizer(tr: Trainer) -> dict[str, Any]:
     if o.grad_clip:
         hyper["grad_clip_mode"] = o.grad_clip_mode
     return {**hyper, "groups": groups}
-
-
-# -- memory ----------------------------------------------------------------------------------------
-def _bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def optimizer_state_factor(name: str, momentum: float) -> int:
-    """Tensors of optimiser state per trainable parameter."""
-    if name == "adamw":
-        return 2
-    if name == "lars":
-        return 1
-    return 1 if momentum > 0 else 0
-
-
-def estimate_memory(tr: Trainer) -> dict[str, Any]:
-    """Peak memory of one process (bytes), by part; see the module docstring."""
-    method = tr.method
-    params = {id(p): p for p in method.parameters()}.values()
-    trainable = [p for p in params if p.requires_grad]
-    weights = _bytes(params) + _bytes(method.buffers())
-    grads = _bytes(trainable)
-    opt = optimizer_state_factor(tr.run.optim.name, tr.run.optim.momentum) * grads
-    views = expand(method.views())
-    b = tr.local_batch
-    view_bytes = b * sum(3 * v.size * v.size for v in views) * 4
-    fit = activation_fit(tr)
-    acts = fit["constant"] + b * (fit["per_image"] + fit["per_unit"] * fit["units_full"])
-    acts += fit.get("checkpoint_extra_per_image", 0.0) * b
-    total = weights + grads + opt + view_bytes + acts
-    out: dict[str, Any] = {
-        "per_process_batch": b,
-        "weights_and_buffers": weights,
-        "gradients": grads,
-        "optimizer_state": opt,
-        "views": view_bytes,
-        "activations": int(acts),
-        "total": int(total),
-        "total_gib": round(total / GIB, 2),
-        "method": fit["how"],
-        "device": str(tr.device),
-        "precision": "bf16 autocast" if tr.dtype == torch.bfloat16 else "fp32",
-    }
-    if tr.device.type == "cuda":
-        props = torch.cuda.get_device_properties(tr.device)
-        out["device_memory"] = int(props.total_memory)
-        out["device_name"] = props.name
-        out["exceeds_device"] = total > props.total_memory
-    else:
-        out["device_memory"] = None
-        out["exceeds_device"] = None
-    return out
-
-
-def _saved_bytes(tr: Trainer, batch: int, sizes: list[int]) -> int:
-    """Bytes autograd keeps for backward in one ``training_step`` of ``batch`` images with
-    the views at ``sizes`` (parameters and buffers excluded; each storage counted once)."""
-    from sslcli.method import Batch, StepInfo
-    from sslcli.runtime import autocast
-
-    method, dev = tr.method, tr.device
-    own = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in own and key not in seen:
-            seen[key] = st.nbytes()
-        return t
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    views = [torch.randn(batch, 3, s, s, generator=gen).to(dev) for s in sizes]
-    if tr._channels_last():
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    n = max(1, len(tr.dataset))
-    data = Batch(
-        views=views,
-        index=torch.arange(batch, device=dev) % n,
-        labels=torch.zeros(batch, dtype=torch.int64, device=dev),
-    )
-    info = StepInfo(0, 0, tr.total_steps, tr.steps_per_epoch)
-    rng = torch.random.get_rng_state()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, _identity), autocast(dev, tr.dtype):
-            out = method(data, info)
-        del out
-    finally:
-        torch.random.set_rng_state(rng)
-    return sum(seen.values())
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
-def _units(tr: Trainer, size: int) -> float:
-    """What a view's activations grow with: tokens for ViTs, pixels otherwise."""
-    patch = getattr(tr.method.backbone, "patch_embed", None)
-    ps = getattr(patch, "patch_size", None)
-    if ps and getattr(tr.method.backbone, "blocks", None) is not None:
-        prefix = int(getattr(tr.method.backbone, "num_prefix_tokens", 1))
-        return (size // ps[0]) * (size // ps[1]) + prefix
-    return float(size * size)
-
-
-def _small_sizes(tr: Trainer, full: list[int], target: int) -> list[int]:
-    patch = getattr(tr.method.backbone, "patch_embed", None)
-    ps = getattr(patch, "patch_size", None)
-    m = int(ps[0]) if ps else 32
-    f = target / max(full)
-    return [max(m, int(round(s * f / m)) * m) for s in full]
-
-
-def activation_fit(tr: Trainer) -> dict[str, Any]:
-    """Saved activations as ``constant + batch * (per_image + per_unit * units)``."""
-    full = [v.size for v in expand(tr.method.views())]
-    units_full = sum(_units(tr, s) for s in full)
-    sets: list[list[int]] = []
-    if max(full) > 64:
-        sets = [_small_sizes(tr, full, 32), _small_sizes(tr, full, 64)]
-    how = "saved tensors of the training step on 2 and 4 images"
-    points: list[tuple[float, float, float]] = []  # (units, constant, slope)
-    try:
-        for i, sizes in enumerate(sets):
-            units = sum(_units(tr, s) for s in sizes)
-            if i == 0:
-                a2, a4 = _saved_bytes(tr, 2, sizes), _saved_bytes(tr, 4, sizes)
-                const = 2 * a2 - a4
-                points.append((units, const, (a4 - a2) / 2))
-            else:  # the batch-independent part does not depend on the view size either
-                points.append((units, const, (_saved_bytes(tr, 2, sizes) - const) / 2))
-    except Exception:  # noqa: BLE001 - a method that needs the full size: measure there
-        points = []
-    if len(points) == 2 and points[1][0] != points[0][0]:
-        (u1, c1, p1), (u2, _, p2) = points
-        g = max(0.0, (p2 - p1) / (u2 - u1))
-        h = max(0.0, p1 - g * u1)
-        unit = "tokens" if _is_vit(tr) else "pixels"
-        how += (
-            f" at views of {sets[0]} and {sets[1]} px, scaled linearly in the batch and in "
-            f"the {unit} per view to {full} px"
-        )
-        fit = {"constant": max(0.0, c1), "per_image": h, "per_unit": g, "units_full": units_full}
-    else:
-        a2, a4 = _saved_bytes(tr, 2, full), _saved_bytes(tr, 4, full)
-        how += f" at the full view sizes {full} px, scaled linearly in the batch"
-        fit = {"constant": max(0.0, 2.0 * a2 - a4), "per_image": (a4 - a2) / 2,
-               "per_unit": 0.0, "units_full": units_full}  # fmt: skip
-    if tr.run.trainer.grad_checkpointing:
-        fit["checkpoint_extra_per_image"] = _checkpoint_extra(tr, sets[0] if sets else full)
-        how += "; with activation checkpointing: plus the blocks' inputs and one block recomputed"
-    fit["how"] = how + " (precision and device of the run)"
-    return fit
-
-
-def _is_vit(tr: Trainer) -> bool:
-    return getattr(tr.method.backbone, "blocks", None) is not None
-
-
-def _checkpoint_extra(tr: Trainer, sizes: list[int]) -> float:
-    """Per image: what checkpointing keeps that the saved-tensor count cannot see (each
-    checkpointed block's input) plus the recomputation of one block during backward."""
-    encoders = [m for m in tr.method.modules() if hasattr(m, "set_grad_checkpointing")
-                and getattr(m, "grad_checkpointing", False)]  # fmt: skip
-    if not encoders:
-        return 0.0
-    scale = _units_ratio(tr, sizes)
-    inputs: list[int] = []
-    hooks = []
-    blocks = [m for enc in encoders for m in _blocks(enc)]
-
-    def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        if torch.is_grad_enabled():  # a momentum encoder's no-grad forward keeps nothing
-            inputs.append(
-                sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))
-            )
-
-    for m in blocks:
-        hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        on = _saved_bytes(tr, 2, sizes)
-    finally:
-        for h in hooks:
-            h.remove()
-    for enc in encoders:
-        enc.set_grad_checkpointing(False)
-    try:
-        off = _saved_bytes(tr, 2, sizes)
-    finally:
-        for enc in encoders:
-            enc.set_grad_checkpointing(True)
-    kept_inputs = sum(inputs)
-    recompute = max(0, off - on) / max(1, len(blocks))
-    return (kept_inputs + recompute) / 2 * scale
-
-
-def _units_ratio(tr: Trainer, sizes: list[int]) -> float:
-    full = [v.size for v in expand(tr.method.views())]
-    return sum(_units(tr, s) for s in full) / sum(_units(tr, s) for s in sizes)
-
-
-def _blocks(encoder: nn.Module) -> list[nn.Module]:
-    """The units timm checkpoints one by one: transformer blocks or residual blocks."""
-    seq = getattr(encoder, "blocks", None)
-    if isinstance(seq, nn.Sequential | nn.ModuleList):
-        return list(seq)
-    out: list[nn.Module] = []
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(encoder, name, None)
-        if isinstance(layer, nn.Sequential):
-            out.extend(layer)
-    return out
-
-
-def memory_warning(mem: dict[str, Any]) -> str | None:
-    """The line to print when the estimate exceeds the device, else None."""
-    if not mem.get("exceeds_device"):
-        return None
-    return (
-        f"estimated peak memory per process {mem['total'] / GIB:.1f} GiB exceeds "
-        f"{mem.get('device_name', 'the device')}'s {mem['device_memory'] / GIB:.1f} GiB at "
-        f"{mem['per_process_batch']} images per process. {ACCUMULATION_NOTE}"
-    )
 
 
 def human_bytes(n: float) -> str:

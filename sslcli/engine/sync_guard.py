@@ -7,8 +7,9 @@ such wait per step costs the overlap of host and device work. CUDA can report sy
 (``torch.cuda.set_sync_debug_mode``), a CPU cannot, so this guard patches the Tensor
 operations that sync on a GPU and records where each call came from (the first frame
 outside torch and this module). The engine's own sync, the agreed finiteness check of
-each step (``Trainer._agree``), is in :data:`ENGINE_SYNCS` so callers can account for it
-explicitly; tests run every method's step under the guard and fail on any other.
+each step (:meth:`sslcli.engine.stopping.StopFlag.agree`), is in :data:`ENGINE_SYNCS` so
+callers can account for it explicitly; tests run every method's step under the guard and
+fail on any other.
 
 Patched: ``item``, ``tolist``, ``cpu``, ``numpy``, ``__bool__``, ``__int__``,
 ``__float__``, ``__index__``, ``nonzero`` (method and function), ``torch.unique``,
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-ENGINE_SYNCS: frozenset[str] = frozenset({"Trainer._agree"})
+ENGINE_SYNCS: frozenset[str] = frozenset({"StopFlag.agree"})
 """Call sites allowed one sync per step: the agreed finite/stop decision."""
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)

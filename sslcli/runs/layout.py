@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +222,19 @@ def run_dir_of(checkpoint: Path) -> Path | None:
         if (cand / "config.json").is_file() and (cand / "checkpoints").is_dir():
             return cand
     return None
+
+
+def default_run_dir(method: str) -> Path:
+    """``runs/METHOD-YYYYmmdd-HHMMSS``: where a run goes when no ``--out`` names one."""
+    return Path("runs") / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def remove_unstarted_run(run_dir: Path, created: bool) -> None:
+    """Remove what a run that never got going wrote (``created``: the directory too)."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    # The ownership marker and lock too: no run was made here.
+    for name in (*RUN_FILES, LOCK):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
