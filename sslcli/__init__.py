@@ -20,7 +20,7 @@ _LAZY = {
     "StepInfo": "sslcli.method",
     "StepOutput": "sslcli.method",
     "ViewSpec": "sslcli.data.views",
-    "TrainResult": "sslcli.engine.trainer",
+    "TrainResult": "sslcli.engine.result",
     "train": "sslcli.api",
     "list_methods": "sslcli.api",
     "load_method": "sslcli.api",

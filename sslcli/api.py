@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sslcli.errors import ConfigError, Interrupted, SSLError, TargetError
 
 if TYPE_CHECKING:
-    from sslcli.engine.trainer import TrainResult
+    from sslcli.engine.result import TrainResult
     from sslcli.eval.options import EvalOptions
     from sslcli.method import Method
     from sslcli.registry import MethodStatus
@@ -355,6 +355,14 @@ def report(run: str | Path | None = None, out: str | Path = "report.html", **kw:
     return write_report(run, out, **kw)
 
 
+def memory_warning(memory: dict[str, Any]) -> str | None:
+    """The line ``ssl train --dry-run`` prints when a plan's memory estimate exceeds the
+    device, else None."""
+    from sslcli.engine.memory import memory_warning as warning
+
+    return warning(memory)
+
+
 def check_compare_format(fmt: str) -> None:
     """A one-line error unless ``ssl compare --format`` accepts ``fmt``."""
     from sslcli.runs.compare import FORMATS
@@ -436,6 +444,7 @@ __all__ = [
     "latest_run",
     "list_methods",
     "load_method",
+    "memory_warning",
     "method_options",
     "plan",
     "read_recipe",

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from rich.table import Table
 
 from sslcli.cli.console import err, out
-from sslcli.engine.memory import memory_warning
-from sslcli.engine.plan import fmt_float, human_bytes, human_count
 
 
 def show(plan: dict[str, Any], *, as_json: bool = False) -> None:
     mem = plan.get("memory") or {}
-    warning = memory_warning(mem) if mem else None
+    from sslcli import api
+
+    warning = api.memory_warning(mem) if mem else None
     if as_json:
         out.out(json.dumps(plan, default=str), highlight=False)
         if warning:
@@ -127,3 +128,28 @@ def show(plan: dict[str, Any], *, as_json: bool = False) -> None:
             out.print("device: CPU run; this is an estimate only (no device limit to check)")
         if warning:
             out.print(f"warning: {warning}")
+
+
+GIB = 2**30
+
+
+def human_bytes(n: float) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def human_count(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{int(n)}"
+
+
+def fmt_float(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0 or (1e-3 <= abs(x) < 1e4):
+        return f"{x:.6g}"
+    return f"{x:.3e}" if not math.isinf(x) else str(x)

@@ -11,7 +11,6 @@ The memory estimate is :mod:`sslcli.engine.memory`.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from sslcli.config import flatten_dotted
 from sslcli.engine.dryrun import DryRun
-from sslcli.engine.memory import GIB, estimate_memory
+from sslcli.engine.memory import estimate_memory
 from sslcli.engine.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -291,25 +290,3 @@ def _optimizer(tr: Trainer) -> dict[str, Any]:
     if o.grad_clip:
         hyper["grad_clip_mode"] = o.grad_clip_mode
     return {**hyper, "groups": groups}
-
-
-def human_bytes(n: float) -> str:
-    if n >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB"
-
-
-def human_count(n: float) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}k"
-    return f"{int(n)}"
-
-
-def fmt_float(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x == 0 or (1e-3 <= abs(x) < 1e4):
-        return f"{x:.6g}"
-    return f"{x:.3e}" if not math.isinf(x) else str(x)

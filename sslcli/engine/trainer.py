@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from sslcli.engine.forward import StepForward
 from sslcli.engine.grad_guard import BufferBackup, clip_gradients, nonfinite_error
 from sslcli.engine.logger import Logger, LogWindow, peak_memory_mb, tell
 from sslcli.engine.monitor import Evaluation, Monitor
+from sslcli.engine.result import TrainResult
 from sslcli.engine.schedule import Schedule, steps_per_epoch
 from sslcli.engine.stopping import StopFlag
 from sslcli.errors import CheckpointError, Interrupted, MethodContractError, WriteError
@@ -45,26 +45,7 @@ from sslcli.optim import build_optimizer, scaled_lr
 from sslcli.runs import checkpoint as ckpt
 from sslcli.runs import layout as rundir
 from sslcli.runs import metrics
-from sslcli.runtime import (
-    autocast,
-    configure_backends,
-    pick_device,
-    pick_dtype,
-    seed_everything,
-)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    final_loss: float | None
-    knn_trained: float | None = None
-    knn_random: float | None = None
-    images_per_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    rank: int = 0
-    """This process's rank (under torchrun, only rank 0's result carries the metrics)."""
+from sslcli.runtime import autocast, configure_backends, pick_device, pick_dtype, seed_everything
 
 
 class Trainer:

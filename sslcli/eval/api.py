@@ -9,8 +9,6 @@ result to the run's ``metrics.jsonl`` as ``{"event": "eval", ...}``.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +40,9 @@ from sslcli.eval.linear import (
 from sslcli.eval.options import EvalOptions
 from sslcli.eval.splits import RowSubset, label_subset
 from sslcli.method import Method
-from sslcli.runs.targets import Target, load_target
+from sslcli.runs import metrics
+from sslcli.runs.rebuild import Target
+from sslcli.runs.targets import load_target
 from sslcli.runtime import autocast, eval_mode, pick_device, pick_dtype
 
 DINO_K = 20
@@ -127,19 +127,7 @@ def _augmented_batches(
 
 def append_event(run_dir: Path, record: dict[str, Any]) -> None:
     """Append ``{"event": "eval", ...}`` to the run's metrics.jsonl (one line, flushed)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    from sslcli.fsutil import append_line
-
-    append_line(run_dir / "metrics.jsonl", json.dumps(clean({"event": "eval", **record})))
+    metrics.append_record(run_dir / metrics.FILE, {"event": "eval", **record})
 
 
 def evaluate(options: EvalOptions, *, say: Callable[[str], None] = _quiet) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sslcli.data.images import ImageDataset
 from sslcli.eval.features import extract
-from sslcli.runs.targets import Target
+from sslcli.runs.rebuild import Target
 from sslcli.runtime import autocast, eval_mode
 
 CACHE_SUBDIR = "eval-cache"

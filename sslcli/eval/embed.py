@@ -41,7 +41,8 @@ from sslcli.eval.embeddings import (
 )
 from sslcli.eval.features import iter_features
 from sslcli.eval.neighbors import nearest
-from sslcli.runs.targets import Target, load_target
+from sslcli.runs.rebuild import Target
+from sslcli.runs.targets import load_target
 from sslcli.runtime import autocast, eval_mode, pick_device, pick_dtype
 
 

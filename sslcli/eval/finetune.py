@@ -33,7 +33,7 @@ from sslcli.errors import EvalError
 from sslcli.eval.features import extract, iter_batches
 from sslcli.eval.linear import REFERENCE_BATCH, cosine_factor
 from sslcli.eval.splits import RowSubset, holdout_split
-from sslcli.runs.targets import Target
+from sslcli.runs.rebuild import Target
 from sslcli.runtime import autocast, eval_mode
 
 DEFAULT_LR = 0.05

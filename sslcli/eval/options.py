@@ -17,7 +17,7 @@ from sslcli.config import format_validation_error
 from sslcli.errors import EvalError
 from sslcli.eval.finetune import DEFAULT_LR as DEFAULT_FT_LR
 from sslcli.eval.linear import DEFAULT_LRS
-from sslcli.runs.targets import Target
+from sslcli.runs.rebuild import Target
 
 Protocol = Literal["knn", "linear", "finetune"]
 PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune")

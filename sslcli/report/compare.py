@@ -11,7 +11,9 @@ from sslcli.report import svgplot
 from sslcli.report.gather import FIRST_CURVES, step_curves
 from sslcli.report.html import note, table, write_page
 from sslcli.report.sections import CURVE_HELP, EVAL_HEADERS, accuracy_series, evals_rows
-from sslcli.runs.compare import COLUMNS, RunSummary, _records, fmt_value
+from sslcli.runs.compare import COLUMNS, RunSummary, fmt_value
+from sslcli.runs.metrics import FILE as metrics_file
+from sslcli.runs.metrics import read_records
 
 COMPARE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("runs", "Runs"),
@@ -42,7 +44,7 @@ def write_compare_report(summaries: Sequence[RunSummary], out: str | Path) -> Pa
         if differ
         else note("the runs share every setting")
     )
-    curves_by_run = [step_curves(_records(s.run_dir / "metrics.jsonl")) for s in summaries]
+    curves_by_run = [step_curves(read_records(s.run_dir / metrics_file)) for s in summaries]
     keys_c = list(dict.fromkeys(k for c in curves_by_run for k in c))
     keys_c = [k for k in FIRST_CURVES if k in keys_c] + [k for k in keys_c if k not in FIRST_CURVES]
     charts = []

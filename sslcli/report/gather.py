@@ -15,7 +15,8 @@ import numpy as np
 
 from sslcli.config import flatten_dotted
 from sslcli.errors import DataError, ReportError, SSLError, TargetError
-from sslcli.runs.targets import Target, is_export_dir, latest_run, run_dir_of
+from sslcli.runs.layout import is_export_dir, latest_run, run_dir_of
+from sslcli.runs.rebuild import Target
 
 FIRST_CURVES = ("loss", "lr", "emb_std")
 """Logged scalars charted first; every other numeric one follows."""

@@ -24,7 +24,9 @@ from sslcli.errors import ReportError
 from sslcli.report import sections
 from sslcli.report.gather import resolve_run
 from sslcli.report.html import write_page
-from sslcli.runs.compare import _records, read_run
+from sslcli.runs.compare import read_run
+from sslcli.runs.metrics import FILE as metrics_file
+from sslcli.runs.metrics import read_records
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("settings", "Settings"),
@@ -67,7 +69,7 @@ def write_report(
         say(f"run: {run_dir} (the most recent run under ./runs)")
     config = json.loads((run_dir / "config.json").read_text())
     s = read_run(run_dir)
-    records = _records(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / metrics_file)
     nn_html, map_html = sections.encoder_sections(
         run_dir, data=data, which=which, queries=queries, top=top, map_method=map_method,
         map_points=map_points, device=device, batch_size=batch_size, num_workers=num_workers,

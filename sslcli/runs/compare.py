@@ -21,6 +21,7 @@ from typing import Any
 
 from sslcli.errors import SSLError, TargetError
 from sslcli.runs.layout import RUNS_DIR, is_export_dir
+from sslcli.runs.metrics import FILE, read_records
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -85,25 +86,6 @@ class RunSummary:
 # ---------------------------------------------------------------------------------------------
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if not path.is_file():
-        return out
-    try:
-        # Bytes, not text: a line damaged into invalid UTF-8 is skipped like a cut one.
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise TargetError(f"cannot read {path}: {e.strerror or e}") from e
-    for line in lines:
-        try:
-            rec = json.loads(line.decode())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a line cut by a crash, or damaged
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -138,7 +120,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
         epochs=cfg.get("trainer", {}).get("epochs"),
         steps=None,
     )
-    recs = _records(d / "metrics.jsonl")
+    recs = read_records(d / FILE)
     t_start: float | None = None
     last_step = 0
     for r in recs:
