@@ -163,7 +163,7 @@ def test_stated_warmup_of_a_recipe_is_never_shortened(
     o["backbone"] = {"name": "test_vit" if "vit" in recipe else "test_resnet"}
     if "vit" in recipe:
         o["backbone"]["kwargs"] = {"num_heads": 2}
-    recipes = Path(__file__).parent.parent / "examples" / "recipes"
+    recipes = Path(__file__).resolve().parents[2] / "examples" / "recipes"
     config = recipes / recipe if how == "file" else None
     sets = ["schedule.warmup_epochs=10"] if how == "set" else None
     method_cls, run, mcfg = api.resolve_config(

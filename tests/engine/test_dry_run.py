@@ -18,7 +18,7 @@ from sslcli.engine import memory
 from sslcli.engine import plan as dry
 from sslcli.engine.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "examples" / "recipes"
 
 

@@ -31,7 +31,7 @@ from sslcli.method import Batch, StepInfo, StepOutput
 from sslcli.runs import checkpoint as ckpt
 from tests.helpers import write_idx, write_plugin_dist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

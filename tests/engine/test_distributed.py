@@ -31,7 +31,7 @@ from sslcli.nn import dist
 from sslcli.runs import checkpoint as ckpt
 from tests.helpers import spawn, torchrun_env, write_idx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _set_trainer_option(run: RunConfig, key: str, value: Any) -> None:

@@ -440,7 +440,7 @@ def test_knn_reference_set_is_bounded(idx_data: Path, tmp_path: Path) -> None:
 def _gpu_check() -> Any:
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

@@ -26,7 +26,7 @@ from sslcli.cli.app import main
 from sslcli.engine.trainer import Trainer
 from sslcli.runs import checkpoint as ckpt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(out: Path, *extra: str) -> list[str]:

@@ -26,7 +26,7 @@ import pytest
 from sslcli.cli.app import main
 from tests.helpers import write_cifar, write_image_tree
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
 # The method whose run a bare `ssl eval --which W` of the README is meant for (dino otherwise:
